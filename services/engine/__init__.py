@@ -1,0 +1,1 @@
+"""The in-process engine: node and broadcaster code wired in virtual time."""
