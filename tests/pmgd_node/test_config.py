@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from pmgd_node.config import ConfigError, JobConfig
+
+
+def test_defaults_and_derived_fields():
+    c = JobConfig()
+    assert c.network == "2-2-1" and c.resolved_integrator == "sum"
+    assert JobConfig(task="parity3").network == "3-3-1"
+    assert JobConfig(task="fmnist").network == "cnn-fmnist"
+    assert JobConfig(mode="analog", perturbation="fm").resolved_integrator == "lowpass"
+    assert JobConfig(tau_theta=8, tau_x=2).minibatch == 4
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("task", "mnist", "parity2..parity12, fmnist, cifar10"),
+    ("perturbation", "xx", "tm, cm, rcm, fm"),
+    ("mode", "quantum", "discrete, analog"),
+    ("amplitude", 0.0, "> 0.0"),
+    ("amplitude", float("nan"), "> 0.0"),
+    ("eta", -1.0, "≥ 0.0"),
+    ("tau_theta", 0, "integer ≥ 1"),
+    ("tau_x", 1.5, "integer ≥ 1"),
+    ("tau_hp", -2.0, "> 0.0"),
+    ("batch", True, "integer in [1, 1000000]"),
+    ("seeds", 0, "integer in [1, 100000]"),
+    ("fm_band", (0.3, 0.2), "0 ≤ f_min < f_max ≤ 0.5"),
+    ("fm_band", (0.1, 0.7), "Nyquist"),
+    ("target_accuracy", 1.5, "≤ 1.0"),
+    ("network", "3-3-1", "start with 2 inputs"),
+    ("nodes", 0, "integer in [1, 4096]"),
+    ("momentum_decay", 1.1, "≤ 1.0"),
+])
+def test_bad_values_name_the_field_and_the_range(field, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        JobConfig(**{field: value})
+    assert err.value.field == field
+    assert f"'{field}'" in str(err.value) and fragment in str(err.value)
+
+
+def test_mode_and_integrator_must_agree():
+    with pytest.raises(ConfigError, match="'perturbation'.*analog"):
+        JobConfig(perturbation="fm")
+    with pytest.raises(ConfigError, match="'integrator'"):
+        JobConfig(integrator="lowpass")
+    with pytest.raises(ConfigError, match="'integrator'"):
+        JobConfig(mode="analog", integrator="sum")
+
+
+def test_round_trip_dict_and_files(tmp_path):
+    c = JobConfig(task="parity3", perturbation="fm", mode="analog", eta=0.5, fm_band=(0.1, 0.4), seeds=3)
+    assert JobConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    p = tmp_path / "job.json"
+    p.write_text(json.dumps({"task": "parity2", "eta": 3.0}))
+    assert JobConfig.load(str(p)).eta == 3.0
+    t = tmp_path / "job.toml"
+    t.write_text('task = "parity3"\nperturbation = "cm"\nfm_band = [0.1, 0.2]\n')
+    assert JobConfig.load(str(t)).fm_band == (0.1, 0.2)
+
+
+def test_unknown_field_rejected_with_the_list_of_fields():
+    with pytest.raises(ConfigError, match="'learning_rate'.*allowed fields: task"):
+        JobConfig.from_dict({"learning_rate": 1})

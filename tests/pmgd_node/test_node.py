@@ -1,0 +1,88 @@
+"""The node-side update rule, integrators and C̃ extraction, on hand-checkable numbers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pmgd_node.config import JobConfig
+from pmgd_node.cost_variation import HighPass, SampleAndHold
+from pmgd_node.integrator import LowPassIntegrator, MomentumIntegrator, SumIntegrator
+from pmgd_node.node import ParameterNode
+
+
+def test_error_signal_and_discrete_update_every_tau_theta():
+    cfg = JobConfig(perturbation="rcm", amplitude=0.1, eta=0.5, tau_theta=3)
+    theta0 = np.array([[1.0, 2.0, 3.0]])
+    node = ParameterNode(cfg, 9, 3, 6, theta0)
+    g = np.zeros((1, 3))
+    for t in range(3):
+        pert = node.perturbation_at(t)
+        np.testing.assert_array_equal(node.effective_weights(t), theta0 + pert)
+        c = np.array([0.02 * (t + 1)])
+        g += c[:, None] * pert / 0.1**2  # ε = C̃·θ̃/A²
+        updated = node.receive(c, t)
+        assert updated == (t == 2)
+        if t < 2:
+            np.testing.assert_allclose(node.gradient, g)
+            np.testing.assert_array_equal(node.theta0, theta0)
+    np.testing.assert_allclose(node.theta0, theta0 - 0.5 * g)
+    np.testing.assert_array_equal(node.gradient, 0.0)  # the sum integrator resets
+    assert node.updates == 1
+
+
+def test_node_rejects_bad_shard():
+    with pytest.raises(ValueError, match="shard"):
+        ParameterNode(JobConfig(), 9, 5, 12, np.zeros((1, 7)))
+    with pytest.raises(ValueError, match="shape"):
+        ParameterNode(JobConfig(), 9, 0, 3, np.zeros((2, 3)))
+
+
+def test_momentum_is_not_reset_and_decays():
+    m = MomentumIntegrator((1,), beta=0.5)
+    m.accumulate(np.array([1.0])); m.after_update()
+    m.accumulate(np.array([1.0]))
+    assert m.g[0] == pytest.approx(1.5)
+    s = SumIntegrator((1,))
+    s.accumulate(np.array([1.0])); s.after_update()
+    assert s.g[0] == 0.0
+
+
+def test_lowpass_settles_at_tau_times_input_with_time_constant_tau():
+    tau = 20.0
+    lp = LowPassIntegrator((1,), tau)
+    for _ in range(int(tau)):
+        lp.accumulate(np.array([1.0]))
+    assert lp.g[0] == pytest.approx(tau * (1 - math.exp(-1)), rel=1e-9)
+    for _ in range(2000):
+        lp.accumulate(np.array([1.0]))
+    assert lp.g[0] == pytest.approx(tau)
+
+
+def test_analog_node_updates_every_tick():
+    cfg = JobConfig(perturbation="fm", mode="analog", amplitude=0.1, eta=0.1, tau_theta=5)
+    node = ParameterNode(cfg, 4, 0, 4, np.zeros((1, 4)))
+    assert node.receive(np.array([0.01]), 0) and node.receive(np.array([0.01]), 1)
+    assert node.updates == 2
+
+
+def test_sample_and_hold():
+    sh = SampleAndHold()
+    with pytest.raises(RuntimeError):
+        sh.variation(np.array([1.0]))
+    sh.hold(np.array([1.0, 2.0]))
+    np.testing.assert_allclose(sh.variation(np.array([1.5, 1.0])), [0.5, -1.0])
+
+
+def test_high_pass_removes_dc_keeps_fast_tones():
+    hp = HighPass(tau_hp=5.0)
+    t = np.arange(4000)
+    x = 3.0 + 0.1 * np.sin(2 * np.pi * 0.25 * t)
+    y = np.array([hp.variation(np.array([v]))[0] for v in x])
+    tail = y[2000:]
+    assert abs(tail.mean()) < 1e-3  # the DC level is gone
+    # |H(f)| of the discrete RC high-pass at f = 0.25 cycles/tick, α = τ/(τ+1)
+    a = 5.0 / 6.0
+    z = np.exp(2j * np.pi * 0.25)
+    gain = abs(a * (1 - 1 / z) / (1 - a / z))
+    assert np.sqrt(2) * tail.std() == pytest.approx(0.1 * gain, rel=0.01)
