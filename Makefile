@@ -1,0 +1,33 @@
+# Two entry points (README quick start): `make train` and `make test`.
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default pin is the
+# CPU wheel these machines hold on local disk; a GPU user passes a CUDA build, e.g.
+#   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the embedded default: 2-bit parity, R-CM, 100 random initialisations.
+train: $(STAMP)
+	$(BIN)/pmgd train --task parity2 --perturbation rcm --seeds 100 --json out/parity2-rcm.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,109 @@
+"""The ``pmgd`` command line.
+
+``pmgd train`` trains one job on the in-process engine, from flags or a config file (JSON
+or TOML; flags override the file), with a progress bar and a summary table, and optionally
+writes the summary as JSON. Every job-config field is a flag: ``--tau-theta 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from pmgd_node.config import ConfigError, JobConfig
+
+_HELP = {
+    "task": "parity2..parity12, fmnist, cifar10",
+    "network": "MLP spec like 2-2-1 for parity (default: the task's reference network)",
+    "perturbation": "tm, cm, rcm or fm",
+    "mode": "discrete or analog",
+    "integrator": "auto, sum, lowpass or momentum",
+    "amplitude": "perturbation amplitude A",
+    "eta": "learning rate η",
+    "tau_theta": "τ_θ in ticks: update period (discrete) or lowpass time constant (analog)",
+    "tau_x": "τ_x in ticks: input-change period",
+    "tau_hp": "τ_hp in ticks: high-pass time constant of the analog C̃ extraction",
+    "fm_band": "FM band F_MIN F_MAX in cycles per tick",
+    "seeds": "number of random initialisations run side by side",
+    "max_ticks": "perturbed-tick budget",
+    "target_accuracy": "stop at this accuracy ('none' to disable)",
+    "target_cost": "stop at this cost ('none' to disable)",
+    "data_dir": "directory holding the Fashion-MNIST / CIFAR-10 files",
+}
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(JobConfig)
+    for f in dataclasses.fields(JobConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        kwargs: dict = {"dest": f.name, "default": None, "help": _HELP.get(f.name, f.name.replace("_", " "))}
+        if f.name == "fm_band":
+            kwargs.update(nargs=2, type=float, metavar=("F_MIN", "F_MAX"))
+        elif hint in (float | None, typing.Optional[float]):
+            kwargs.update(type=_optional_float)
+        elif hint is int:
+            kwargs.update(type=int)
+        elif hint is float:
+            kwargs.update(type=float)
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    base = JobConfig.load(args.config).to_dict() if args.config else {}
+    for f in dataclasses.fields(JobConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            base[f.name] = value
+    if "task" in base and "network" not in base:
+        base["network"] = ""  # re-derive the task's reference network
+    return JobConfig.from_dict(base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmgd", description="Parameter-multiplexed gradient descent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one job (all its seeds) and print a summary",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--config", help="JSON or TOML file of job-config fields (flags override it)")
+    train.add_argument("--engine", choices=["local"], default="local", help="where the job runs")
+    train.add_argument("--device", default=None, help="torch device for the CNN models (default: cuda if available)")
+    train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.train import train_job  # heavy imports (torch) only once a command runs
+
+    config = config_from_args(args)
+    summary = train_job(config, device=args.device, progress=not args.quiet)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+    except ConfigError as err:
+        parser.exit(2, f"pmgd: error: {err}\n")
+    except (FileNotFoundError, RuntimeError) as err:
+        parser.exit(1, f"pmgd: error: {err}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

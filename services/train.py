@@ -1,0 +1,77 @@
+"""`pmgd train`: one job on the in-process engine, with a progress bar and a summary table."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pmgd_node.config import JobConfig
+from services.engine.engine import HW_TIMESCALES, Engine, summarize
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    for unit, scale in (("h", 3600), ("min", 60), ("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def summary_table(summary: dict) -> Table:
+    t = Table(title=f"PMGD {summary['task']} ({summary['network']}, {summary['num_params']} params, "
+                    f"{summary['perturbation'].upper()}, {summary['mode']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    runs = summary["runs"]
+    t.add_row("runs converged", f"{summary['converged']} / {runs}")
+    med = summary["ticks_to_solution_median"]
+    if med is not None:
+        label = "perturbed ticks to target" + (" (median [q1, q3])" if runs > 1 else "")
+        value = f"{med:,.0f}" + (f"  [{summary['ticks_to_solution_q1']:,.0f}, {summary['ticks_to_solution_q3']:,.0f}]" if runs > 1 else "")
+        t.add_row(label, value)
+        t.add_row("C₀ measurements to target" + (" (median)" if runs > 1 else ""), f"{summary['c0_to_solution_median']:,.0f}")
+    else:
+        t.add_row("perturbed ticks to target", "not reached")
+    t.add_row("perturbed ticks run", f"{summary['ticks_run']:,}")
+    t.add_row("C₀ measurements run", f"{summary['c0_measurements_run']:,}")
+    t.add_row("final cost" + (" (median)" if runs > 1 else ""), f"{summary['final_cost_median']:.4g}")
+    t.add_row("final accuracy" + (" (median)" if runs > 1 else ""), f"{100 * summary['final_accuracy_median']:.1f} %")
+    t.add_row("wall time", _fmt_time(summary["wall_time_s"]))
+    projected = summary["projected_solution_time_s"] or {}
+    for hw, tau in HW_TIMESCALES.items():
+        t.add_row(f"solution time {hw} (τ_p = {_fmt_time(tau)})", _fmt_time(projected.get(hw)))
+    return t
+
+
+def train_job(config: JobConfig, device: str | None = None, progress: bool = True,
+              console: Console | None = None) -> dict:
+    """Run ``config`` to its stopping rule; print progress and the summary; return the summary."""
+    console = console or Console(stderr=True)
+    engine = Engine(config, device=device)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("ticks · {task.fields[status]}"), TimeElapsedColumn(),
+                   console=console, disable=not progress, transient=False)
+    with bar:
+        task = bar.add_task("training", total=config.max_ticks, status="")
+
+        def on_eval(point, solved):
+            bar.update(task, completed=point.tick,
+                       status=f"cost {np.median(point.cost):.4f} · acc {100 * np.median(point.accuracy):.1f}%"
+                              f" · solved {int(solved.sum())}/{len(solved)}")
+
+        started = time.perf_counter()
+        result = engine.run(on_eval=on_eval)
+        bar.update(task, total=result.ticks, completed=result.ticks)
+    summary = summarize(result)
+    summary["total_wall_time_s"] = time.perf_counter() - started
+    summary["device"] = str(getattr(engine.model, "device", "cpu"))
+    summary["config"] = config.to_dict()
+    if len(result.solved) > 1:
+        summary["ticks_to_solution"] = result.ticks_to_solution.tolist()
+    console.print(summary_table(summary))
+    return summary
