@@ -52,18 +52,18 @@ class JobConfig:
     perturbation: str = "rcm"
     mode: str = "discrete"
     integrator: str = "auto"  # auto: sum (discrete) or lowpass (analog)
-    amplitude: float = 0.05  # A
-    eta: float = 2.0  # η
+    amplitude: float = 0.1  # A
+    eta: float = 0.5  # η
     tau_theta: int = 1  # τ_θ, ticks between updates (discrete) / LPF time constant (analog)
     tau_x: int = 1  # τ_x, ticks between input changes
     tau_hp: float = 2.0  # τ_hp, high-pass time constant of the analog cost extraction, ticks
     momentum_decay: float = 1.0  # β of the momentum integrator: G ← βG + ε (1 = the paper's un-reset sum)
     fm_band: tuple[float, float] = (0.0, 0.5)  # FM frequencies, cycles per tick (paper: bandwidth 1/2τ_p)
     batch: int = 1  # samples the hardware sees at once in one tick
-    init_scale: float = 1.0
+    init_scale: float = 0.5  # initial θ⁰ uniform in ±init_scale (MLPs)
     seed: int = 0
     seeds: int = 1  # independent random initialisations run side by side
-    max_ticks: int = 100_000  # perturbed ticks
+    max_ticks: int = 20_000  # perturbed-tick budget (2× the paper's 10⁴ for 2-bit parity)
     target_accuracy: float | None = 1.0
     target_cost: float | None = None
     eval_every: int = 10  # ticks between checks of the stopping rule

@@ -31,8 +31,8 @@ def summary_table(summary: dict) -> Table:
     t.add_row("runs converged", f"{summary['converged']} / {runs}")
     med = summary["ticks_to_solution_median"]
     if med is not None:
-        label = "perturbed ticks to target" + (" (median [q1, q3])" if runs > 1 else "")
-        value = f"{med:,.0f}" + (f"  [{summary['ticks_to_solution_q1']:,.0f}, {summary['ticks_to_solution_q3']:,.0f}]" if runs > 1 else "")
+        label = "perturbed ticks to target" + (" (median, q1–q3)" if runs > 1 else "")
+        value = f"{med:,.0f}" + (f"  ({summary['ticks_to_solution_q1']:,.0f}–{summary['ticks_to_solution_q3']:,.0f})" if runs > 1 else "")
         t.add_row(label, value)
         t.add_row("C₀ measurements to target" + (" (median)" if runs > 1 else ""), f"{summary['c0_to_solution_median']:,.0f}")
     else:

@@ -17,7 +17,7 @@ from services.evaluator import data as D
 def test_parity_two_bits_counting_order():
     d = D.parity(2)
     assert d.x.dtype == np.float64 and d.y.dtype == np.int64
-    np.testing.assert_array_equal(d.x, [[0, 0], [0, 1], [1, 0], [1, 1]])
+    np.testing.assert_array_equal(d.x, [[-1, -1], [-1, 1], [1, -1], [1, 1]])
     np.testing.assert_array_equal(d.y, [0, 1, 1, 0])
     assert d.num_classes == 2 and d.name == "parity2" and len(d) == 4
 
@@ -26,9 +26,11 @@ def test_parity_two_bits_counting_order():
 def test_parity_labels_are_xor(n):
     d = D.parity(n)
     assert d.x.shape == (2**n, n)
-    np.testing.assert_array_equal(d.y, d.x.sum(axis=1).astype(int) % 2)
+    assert set(np.unique(d.x)) == {-1.0, 1.0}  # bipolar inputs
+    bits = (d.x > 0).astype(int)
+    np.testing.assert_array_equal(d.y, bits.sum(axis=1) % 2)
     # binary counting order, MSB first
-    np.testing.assert_array_equal(d.x @ (2 ** np.arange(n - 1, -1, -1)), np.arange(2**n))
+    np.testing.assert_array_equal(bits @ (2 ** np.arange(n - 1, -1, -1)), np.arange(2**n))
 
 
 def test_load_dispatch():

@@ -45,6 +45,7 @@ def test_mlp_flat_layout_and_xor_solution():
     """W1 (out, in) row-major, b1, W2, b2: h1 = OR, h2 = AND, out = OR and not AND."""
     m = M.MLP((2, 2, 1))
     d = D.parity(2)
+    d = D.Dataset((d.x + 1) / 2, d.y, d.num_classes, d.name)  # XOR_THETA is written for {0, 1} inputs
     b = m.prepare(d.x, d.y)
     assert m.accuracy(XOR_THETA, b) == 1.0
     assert m.cost(XOR_THETA, b) < 1e-3
