@@ -1,0 +1,93 @@
+"""What PMGD must do on the reference tasks (paper §5–8), on the in-process engine."""
+
+import numpy as np
+import pytest
+
+from pmgd_node.config import JobConfig
+from services.engine.angle_trace import angle_trace
+from services.engine.engine import Engine, summarize
+
+# Fixed random 3-3-1 network, whole 3-bit parity data set at once, θ⁰ frozen.
+ANGLE = dict(task="parity3", batch=8, seeds=12, amplitude=0.01, init_scale=1.0)
+
+
+@pytest.mark.parametrize("kind", ["tm", "cm"])
+def test_tm_and_cm_angle_falls_below_10_degrees_within_a_few_code_periods(kind):
+    period = 16 if kind == "tm" else 32  # P = 16; the CM code length is the next power of two above P
+    angles = angle_trace(JobConfig(perturbation=kind, **ANGLE), 3 * period)
+    assert np.median(angles[period // 4]) > 20  # not yet
+    assert np.all(angles[-1] < 10)  # every run, after three periods
+    assert np.all(angles[2 * period - 1] < 10)
+
+
+@pytest.mark.parametrize("kind,mode", [("rcm", "discrete"), ("fm", "analog")])
+def test_rcm_and_fm_angle_trends_down(kind, mode):
+    angles = np.median(angle_trace(JobConfig(perturbation=kind, mode=mode, **ANGLE), 640), axis=1)
+    early, mid, late = angles[15], angles[127], angles[639]
+    assert early > mid > late
+    assert late < 20
+
+
+@pytest.mark.slow
+def test_parity2_rcm_100_seeds_with_documented_defaults():
+    """Paper Table 1 row (2-bit parity, R-CM, τ_θ = τ_x = 1, batch 1). The paper reports 100 %
+    in 10⁴ τ_p; we measure 77/100 converged in the 2×10⁴-tick budget (docs/benchmarks.md): the
+    rest stall in XOR's local minimum. The assertion pins what we measured, with margin."""
+    result = Engine(JobConfig(seeds=100)).run()
+    s = summarize(result)
+    assert s["converged"] >= 70
+    assert s["ticks_to_solution_median"] <= 10_000
+    assert np.all(result.final_accuracy[result.solved] >= 0.75)
+
+
+@pytest.mark.slow
+def test_analog_fm_trains_parity2():
+    """Analog mode: FM perturbations, high-pass C̃ (τ_hp), leaky-integrator G (τ_θ), continuous
+    updates. The network sees the four samples at once (batch 4): with one sample at a time the
+    input steps dominate the high-passed cost (see docs/benchmarks.md)."""
+    cfg = JobConfig(perturbation="fm", mode="analog", seeds=30, eta=0.1, tau_theta=20, tau_hp=2.0,
+                    batch=4, amplitude=0.1, eval_every=20)
+    s = summarize(Engine(cfg).run())
+    assert s["converged"] >= 24
+    assert s["c0_measurements_run"] == 0
+
+
+def _median_ticks(**kw):
+    s = summarize(Engine(JobConfig(seeds=40, **kw)).run())
+    return s["converged"], s["ticks_to_solution_median"]
+
+
+@pytest.mark.slow
+def test_fig4_trends_on_parity2():
+    """Paper Fig 4. Batch 1 (τ_x = τ_θ): a longer τ_θ slows training. Batch 4 (τ_θ = 4τ_x): at a
+    fixed low η the solution time hardly depends on τ_θ (each update integrates the full-data
+    gradient over τ_θ ticks, so the step grows with τ_θ). The largest stable η falls as τ_θ grows."""
+    b1 = {k: _median_ticks(eta=1.0, tau_theta=k, tau_x=k, max_ticks=40_000) for k in (1, 16)}
+    assert b1[16][1] > 2 * b1[1][1]
+    b4 = {k: _median_ticks(eta=0.2, tau_theta=4 * k, tau_x=k, max_ticks=40_000) for k in (1, 4)}
+    assert 0.6 < b4[4][1] / b4[1][1] < 1.6
+
+    def converges(eta, tau_theta):
+        return _median_ticks(eta=eta, tau_theta=tau_theta, tau_x=1, max_ticks=20_000)[0] >= 20
+
+    assert converges(2.0, 1) and not converges(2.0, 16)
+
+
+def test_cnn_short_pmgd_run_lowers_the_cost_reproducibly(tmp_path):
+    from services.evaluator.data import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path, n_train=300, n_test=100, seed=0)
+    cfg = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=100, amplitude=0.01, eta=0.05,
+                    max_ticks=40, eval_every=40, target_accuracy=None, seed=3)
+
+    def run():
+        engine = Engine(cfg, device="cpu")
+        assert engine.model.num_params == 14_378
+        start = engine.evaluate().cost
+        return start, engine.run().final_cost, engine.theta0
+
+    start, end, theta = run()
+    assert end[0] < start[0]
+    start2, end2, theta2 = run()
+    np.testing.assert_array_equal(theta, theta2)
+    assert end2[0] == end[0]
