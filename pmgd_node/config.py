@@ -60,7 +60,7 @@ class JobConfig:
     momentum_decay: float = 1.0  # β of the momentum integrator: G ← βG + ε (1 = the paper's un-reset sum)
     fm_band: tuple[float, float] = (0.0, 0.5)  # FM frequencies, cycles per tick (paper: bandwidth 1/2τ_p)
     batch: int = 1  # samples the hardware sees at once in one tick
-    init_scale: float = 0.5  # initial θ⁰ uniform in ±init_scale (MLPs)
+    init_scale: float | None = None  # scale of the initial θ⁰ (None: the model's reference init, MLP ±0.5)
     seed: int = 0
     seeds: int = 1  # independent random initialisations run side by side
     max_ticks: int = 20_000  # perturbed-tick budget (2× the paper's 10⁴ for 2-bit parity)
@@ -178,7 +178,8 @@ def _validate(c: JobConfig) -> None:
     if not (0.0 <= band[0] < band[1] <= 0.5):
         raise ConfigError("fm_band", f"must satisfy 0 ≤ f_min < f_max ≤ 0.5 cycles per tick (Nyquist); got {list(band)}")
     _int_range("batch", c.batch, 1, 1_000_000)
-    _float_range("init_scale", c.init_scale, 0.0, 100.0)
+    if c.init_scale is not None:
+        _float_range("init_scale", c.init_scale, 0.0, 100.0)
     _int_range("seed", c.seed, 0, 2**31 - 1)
     _int_range("seeds", c.seeds, 1, 100_000)
     _int_range("max_ticks", c.max_ticks, 1)

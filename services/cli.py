@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -87,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     summary = train_job(config, device=args.device, progress=not args.quiet)
     if args.json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return 0

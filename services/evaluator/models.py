@@ -517,9 +517,16 @@ _PARITY_RE = re.compile(r"parity(\d+)")
 _NETWORK_RE = re.compile(r"\d+(-\d+)+")
 
 
-def build_model(task: str, network: str | None = None, device: str | None = None, init_scale: float = 1.0) -> Model:
+# Reference initial scales: uniform ±0.5 for the parity MLPs (fewer runs stall in XOR's
+# local minimum than with ±1; docs/benchmarks.md), PyTorch's default init for the CNNs.
+MLP_INIT_SCALE = 0.5
+
+
+def build_model(task: str, network: str | None = None, device: str | None = None,
+                init_scale: float | None = None) -> Model:
     """Model for a task: ``parityN`` → MLP N-N-1 (``network`` such as "2-2-1" overrides;
-    its input size must be N), ``fmnist`` → :func:`fmnist_cnn`, ``cifar10`` → :func:`cifar10_cnn`."""
+    its input size must be N), ``fmnist`` → :func:`fmnist_cnn`, ``cifar10`` → :func:`cifar10_cnn`.
+    ``init_scale`` None picks the reference init (``MLP_INIT_SCALE`` for MLPs, 1 for CNNs)."""
     m = _PARITY_RE.fullmatch(task)
     if m:
         n = int(m.group(1))
@@ -531,11 +538,11 @@ def build_model(task: str, network: str | None = None, device: str | None = None
             layers = tuple(int(v) for v in network.strip().split("-"))
             if layers[0] != n:
                 raise ValueError(f"network {network!r} has {layers[0]} inputs but task {task!r} has {n}")
-        return MLP(layers, init_scale=init_scale)
+        return MLP(layers, init_scale=MLP_INIT_SCALE if init_scale is None else init_scale)
     builders = {"fmnist": fmnist_cnn, "cifar10": cifar10_cnn}
     if task in builders:
-        model = builders[task](device=device, init_scale=init_scale)
-        if network not in (None, "", model.name, "cnn"):
+        model = builders[task](device=device, init_scale=1.0 if init_scale is None else init_scale)
+        if network not in (None, "", model.name, "cnn", f"cnn-{task}"):
             raise ValueError(f"task {task!r} has one network ({model.name}); got network={network!r}")
         return model
     raise ValueError(f"unknown task {task!r}: expected parityN, 'fmnist' or 'cifar10'")

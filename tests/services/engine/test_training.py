@@ -77,8 +77,8 @@ def test_cnn_short_pmgd_run_lowers_the_cost_reproducibly(tmp_path):
     from services.evaluator.data import write_fake_fashion_mnist
 
     write_fake_fashion_mnist(tmp_path, n_train=300, n_test=100, seed=0)
-    cfg = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=100, amplitude=0.01, eta=0.05,
-                    max_ticks=40, eval_every=40, target_accuracy=None, seed=3)
+    cfg = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=100, amplitude=0.01, eta=0.01,
+                    max_ticks=60, eval_every=60, target_accuracy=None, seed=3)
 
     def run():
         engine = Engine(cfg, device="cpu")
