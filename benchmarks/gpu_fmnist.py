@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("PMGD_DATA_DIR", DEFAULT_DATA))
     ap.add_argument("--max-ticks", type=int, default=1_000_000)
     ap.add_argument("--eval-every", type=int, default=5_000)
-    ap.add_argument("--eta", type=float, default=0.02)
+    ap.add_argument("--eta", type=float, default=0.01)
     ap.add_argument("--amplitude", type=float, default=0.005)
     ap.add_argument("--target", type=float, default=0.825)
     ap.add_argument("--device", default=None)
