@@ -52,6 +52,10 @@ class ParameterNode:
         self._analog = config.mode == "analog"
         self._block_t0 = -1
         self._block: np.ndarray | None = None
+        # Reused buffers: a block of θ̃ is ~S·n·BLOCK values, and ε is rebuilt every tick.
+        self._block_buf = np.empty((BLOCK,) + theta0.shape, dtype=theta0.dtype)
+        self._eps = np.empty_like(theta0)
+        self._tau_theta = config.tau_theta
         self.updates = 0
 
     @property
@@ -61,17 +65,19 @@ class ParameterNode:
 
     def perturbation_at(self, tick: int) -> np.ndarray:
         """θ̃[tick] of this shard, (S, n), from the cached block of ticks when possible."""
-        if not (self._block_t0 <= tick < self._block_t0 + BLOCK) or self._block is None:
+        k = tick - self._block_t0
+        if not 0 <= k < BLOCK or self._block is None:
             self._block_t0 = tick - tick % BLOCK
-            self._block = self.perturbation.block(self._block_t0, BLOCK, self.start, self.stop)
-        return self._block[tick - self._block_t0]
+            self._block = self.perturbation.block(self._block_t0, BLOCK, self.start, self.stop, out=self._block_buf)
+            k = tick - self._block_t0
+        return self._block[k]
 
     def effective_weights(self, tick: int) -> np.ndarray:
         """θ⁰ + θ̃[tick]: what the network computes with during a perturbed tick."""
         return self.theta0 + self.perturbation_at(tick)
 
     def update_due(self, tick: int) -> bool:
-        return self._analog or (tick + 1) % self.config.tau_theta == 0
+        return self._analog or (tick + 1) % self._tau_theta == 0
 
     def receive(self, c_tilde: np.ndarray, tick: int) -> bool:
         """Integrate ε = C̃·θ̃[tick]/⟨θ̃²⟩ and apply the update if one is due; True if θ⁰ changed.
@@ -79,10 +85,13 @@ class ParameterNode:
         ``c_tilde`` has one value per run, shape (S,).
         """
         c = np.asarray(c_tilde, dtype=self.theta0.dtype)[:, None]
-        self.integrator.accumulate(c * self.perturbation_at(tick) * self._inv_power)
-        if not self.update_due(tick):
+        eps = np.multiply(c, self.perturbation_at(tick), out=self._eps)
+        eps *= self._inv_power
+        self.integrator.accumulate(eps)
+        if not (self._analog or (tick + 1) % self._tau_theta == 0):
             return False
-        self.theta0 -= self._eta * self.integrator.g
+        # ε's buffer is free again: it takes η·G (the same product as a fresh array would).
+        self.theta0 -= np.multiply(self._eta, self.integrator.g, out=eps)
         self.integrator.after_update()
         self.updates += 1
         return True

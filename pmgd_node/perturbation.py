@@ -27,15 +27,36 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_IDX_MUL = np.uint64(0xD6E8FEB86659FD93)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser: a bijective avalanche hash of uint64 (wraps modulo 2⁶⁴)."""
     with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = x + _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
         return z ^ (z >> np.uint64(31))
+
+
+def _splitmix64_top_(z: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """In place on a uint64 array: z ← splitmix64(z) up to its last step ``z ^ (z >> 31)``.
+
+    That step leaves bit 63 alone, so the top bit of the result is the top bit of
+    splitmix64(z); callers that need only that bit skip it. ``tmp`` is scratch of z's shape.
+    Array (not scalar) integer arithmetic wraps without warnings, so no errstate is needed.
+    """
+    z += _GAMMA
+    np.right_shift(z, 30, out=tmp)
+    z ^= tmp
+    z *= _MIX1
+    np.right_shift(z, 27, out=tmp)
+    z ^= tmp
+    z *= _MIX2
+    return z
 
 
 def seeded_uniform(seeds: np.ndarray, stream: int, index: np.ndarray) -> np.ndarray:
@@ -70,8 +91,13 @@ class Perturbation(ABC):
         """Ticks after which the pattern repeats (None: aperiodic)."""
 
     @abstractmethod
-    def block(self, t0: int, count: int, start: int, stop: int) -> np.ndarray:
-        """θ̃ for ticks t0 … t0+count−1 and parameters start … stop−1: (count, S, n)."""
+    def block(self, t0: int, count: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """θ̃ for ticks t0 … t0+count−1 and parameters start … stop−1: (count, S, n).
+
+        With ``out`` (C-contiguous, that shape and ``dtype``) the values are written there and
+        ``out`` is returned: a node reuses one buffer, since freshly allocated blocks of this
+        size come from the OS page by page and faulting them in costs more than the hash.
+        """
 
     def values(self, tick: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """θ̃ at one tick: (S, n)."""
@@ -97,10 +123,10 @@ class TimeMultiplexed(Perturbation):
     def period(self) -> int:
         return self.num_params
 
-    def block(self, t0, count, start, stop):
+    def block(self, t0, count, start, stop, out=None):
         ticks = (np.arange(t0, t0 + count) % self.num_params)[:, None, None]
         hit = self.slot[None, :, start:stop] == ticks
-        return hit.astype(self.dtype) * self.dtype.type(self.amplitude)
+        return np.multiply(hit, self.dtype.type(self.amplitude), out=out, dtype=self.dtype)
 
 
 class CodeMultiplexed(Perturbation):
@@ -122,12 +148,16 @@ class CodeMultiplexed(Perturbation):
     def period(self) -> int:
         return self.length
 
-    def block(self, t0, count, start, stop):
+    def block(self, t0, count, start, stop, out=None):
         rows = np.arange(start + 1, stop + 1, dtype=np.int64)
         cols = np.arange(t0, t0 + count, dtype=np.int64) % self.length
         parity = np.bitwise_count(rows[None, :] & cols[:, None]) & 1
         signs = (1 - 2 * parity.astype(np.int8)).astype(self.dtype) * self.dtype.type(self.amplitude)
-        return np.broadcast_to(signs[:, None, :], (count, len(self.seeds), stop - start))
+        view = np.broadcast_to(signs[:, None, :], (count, len(self.seeds), stop - start))
+        if out is None:
+            return view
+        np.copyto(out, view)
+        return out
 
 
 class RandomCode(Perturbation):
@@ -138,6 +168,9 @@ class RandomCode(Perturbation):
     def __init__(self, num_params, seeds, amplitude, dtype=np.float64):
         super().__init__(num_params, seeds, amplitude, dtype)
         self._run_key = splitmix64(splitmix64(self.seeds.astype(np.uint64) ^ np.uint64(self._STREAM)))
+        self._codes_for: tuple[int, int] | None = None
+        self._codes = np.empty(0, dtype=np.uint64)
+        self._tmp = np.empty(0, dtype=np.uint64)
 
     @property
     def power(self) -> float:
@@ -147,13 +180,41 @@ class RandomCode(Perturbation):
     def period(self) -> None:
         return None
 
-    def block(self, t0, count, start, stop):
+    def block(self, t0, count, start, stop, out=None):
+        """θ̃ = ±A with the sign from bit 63 of h = splitmix64(k_{s,t} ^ i·c), where
+        k_{s,t} = splitmix64(key_s ^ t): set → +A, clear → −A."""
         ticks = np.arange(t0, t0 + count, dtype=np.uint64)
         key = splitmix64(self._run_key[None, :] ^ ticks[:, None])  # (T, S)
-        idx = np.arange(start, stop, dtype=np.uint64)
-        h = splitmix64(key[:, :, None] ^ (idx * np.uint64(0xD6E8FEB86659FD93))[None, None, :])
         a = self.dtype.type(self.amplitude)
-        return np.where((h >> np.uint64(63)).astype(bool), a, -a)
+        shape = (count, len(self.seeds), stop - start)
+        direct = self.dtype.itemsize == 8 and out is not None
+        z = out.view(np.uint64) if direct else np.empty(shape, dtype=np.uint64)
+        np.bitwise_xor(key[:, :, None], self._index_code(start, stop)[None, None, :], out=z)
+        _splitmix64_top_(z, self._scratch(shape))
+        if self.dtype.itemsize != 8:
+            values = np.where((z >> np.uint64(63)).astype(bool), a, -a)
+            if out is None:
+                return values
+            np.copyto(out, values)
+            return out
+        # 64-bit floats: take A and flip its sign bit where the hash bit is clear, in place.
+        # (z & 2⁶³) ^ (bits(A) ^ 2⁶³) is exactly A or −A, as a select would give.
+        sign = np.uint64(1 << 63)
+        z &= sign
+        z ^= a.view(np.uint64) ^ sign
+        return z.view(self.dtype)
+
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self._tmp.shape != shape:
+            self._tmp = np.empty(shape, dtype=np.uint64)
+        return self._tmp
+
+    def _index_code(self, start: int, stop: int) -> np.ndarray:
+        """i·c for the shard's indices (a node asks for the same shard every block)."""
+        if self._codes_for != (start, stop):
+            self._codes = np.arange(start, stop, dtype=np.uint64) * _IDX_MUL
+            self._codes_for = (start, stop)
+        return self._codes
 
 
 class FrequencyMultiplexed(Perturbation):
@@ -181,10 +242,14 @@ class FrequencyMultiplexed(Perturbation):
     def period(self) -> None:
         return None
 
-    def block(self, t0, count, start, stop):
+    def block(self, t0, count, start, stop, out=None):
         t = np.arange(t0, t0 + count, dtype=np.float64)[:, None, None]
         arg = 2 * np.pi * self.freq[None, :, start:stop] * t + self.phase[None, :, start:stop]
-        return (self.amplitude * np.sin(arg)).astype(self.dtype, copy=False)
+        values = (self.amplitude * np.sin(arg)).astype(self.dtype, copy=False)
+        if out is None:
+            return values
+        np.copyto(out, values)
+        return out
 
 
 def make_perturbation(kind: str, num_params: int, seeds, amplitude: float, fm_band=(0.0, 0.5), dtype=np.float64) -> Perturbation:

@@ -60,7 +60,6 @@ class OutputStage:
         self._c0_stale = True
         self._prepared: dict[bytes, object] = {}
         self.c0_measurements = 0
-        self.last_cost: np.ndarray | None = None
 
     def begin_tick(self, tick: int) -> None:
         """Present the input of this tick; mark C₀ stale if the input or θ⁰ changed."""
@@ -92,6 +91,4 @@ class OutputStage:
 
     def cost_variation(self, theta: np.ndarray) -> np.ndarray:
         """C̃ for the effective weights θ = θ⁰ + θ̃ of this tick, one value per run."""
-        cost = self.model.cost(theta, self.batch)
-        self.last_cost = cost
-        return self.extractor.variation(cost)
+        return self.extractor.variation(self.model.cost(theta, self.batch))
