@@ -18,32 +18,44 @@ import numpy as np
 
 from pmgd_node.config import JobConfig
 from pmgd_node.cost_variation import HighPass, SampleAndHold
-from pmgd_node.perturbation import seeded_permutation
+from pmgd_node.perturbation import seeded_uniform
 
 _ORDER_STREAM = 0x44415441  # "DATA"
 
 
 class InputSchedule:
     """Sample indices shown at input step k = ⌊t/τ_x⌋: consecutive ``batch``-sized slices of
-    an endless stream of epochs, each epoch a permutation drawn from (seed, epoch)."""
+    an endless stream of epochs, each epoch a permutation drawn from (seed, epoch).
+
+    The stream is served from a window of whole epochs drawn together: one vectorised hash
+    over (epoch, sample) and a row-wise stable argsort give, row by row, exactly
+    ``seeded_permutation(seed·1000003 + epoch, …)``, so small data sets (parity: 4 samples,
+    a new epoch every 4 ticks) cost one slice per step instead of a permutation per epoch.
+    """
+
+    _WINDOW = 4096  # positions per window, at least two epochs
 
     def __init__(self, num_samples: int, batch: int, seed: int):
         self.n, self.batch, self.seed = num_samples, batch, seed
-        self._epochs: dict[int, np.ndarray] = {}
+        self._epochs_per_window = max(2 + batch // num_samples, self._WINDOW // num_samples)
+        self._lo = 0  # stream position of self._window[0]
+        self._window = np.empty(0, dtype=np.int64)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._epochs:
-            if len(self._epochs) > 4:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[epoch] = seeded_permutation(self.seed * 1_000_003 + epoch, _ORDER_STREAM, self.n)
-        return self._epochs[epoch]
+    def _orders(self, first_epoch: int, count: int) -> np.ndarray:
+        seeds = np.array([self.seed * 1_000_003 + e for e in range(first_epoch, first_epoch + count)])
+        u = seeded_uniform(seeds, _ORDER_STREAM, np.arange(self.n))
+        return np.argsort(u, axis=1, kind="stable")  # (count, n)
 
     def indices(self, step: int) -> np.ndarray:
-        pos = np.arange(step * self.batch, (step + 1) * self.batch)
-        epochs, offsets = np.divmod(pos, self.n)
-        if epochs[0] == epochs[-1]:
-            return self._order(int(epochs[0]))[offsets]
-        return np.concatenate([self._order(int(e))[offsets[epochs == e]] for e in np.unique(epochs)])
+        """The ``batch`` sample indices of step k (a read-only view)."""
+        k = step * self.batch - self._lo
+        if k < 0 or k + self.batch > len(self._window):
+            first = step * self.batch // self.n
+            self._window = self._orders(first, self._epochs_per_window).reshape(-1)
+            self._window.flags.writeable = False
+            self._lo = first * self.n
+            k = step * self.batch - self._lo
+        return self._window[k:k + self.batch]
 
 
 class OutputStage:
@@ -55,6 +67,7 @@ class OutputStage:
         self.train = train
         self.schedule = InputSchedule(len(train.y), config.batch, config.seed)
         self.discrete = config.mode == "discrete"
+        self._tau_x, self._tau_theta = config.tau_x, config.tau_theta
         self.extractor = SampleAndHold() if self.discrete else HighPass(config.tau_hp)
         self.batch = None
         self._c0_stale = True
@@ -63,11 +76,11 @@ class OutputStage:
 
     def begin_tick(self, tick: int) -> None:
         """Present the input of this tick; mark C₀ stale if the input or θ⁰ changed."""
-        if tick % self.config.tau_x == 0 or self.batch is None:
-            idx = self.schedule.indices(tick // self.config.tau_x)
+        if tick % self._tau_x == 0 or self.batch is None:
+            idx = self.schedule.indices(tick // self._tau_x)
             self.batch = self._prepare(idx)
             self._c0_stale = True
-        if tick > 0 and (self.config.mode == "analog" or tick % self.config.tau_theta == 0):
+        if tick > 0 and (not self.discrete or tick % self._tau_theta == 0):
             self._c0_stale = True
 
     def _prepare(self, idx: np.ndarray):
@@ -75,9 +88,10 @@ class OutputStage:
         if len(self.train.y) > 64:
             return self.model.prepare(self.train.x[idx], self.train.y[idx])
         key = idx.tobytes()
-        if key not in self._prepared:
-            self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
-        return self._prepared[key]
+        batch = self._prepared.get(key)
+        if batch is None:
+            batch = self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
+        return batch
 
     @property
     def needs_c0(self) -> bool:

@@ -106,9 +106,9 @@ class Engine:
         return c_tilde
 
     def evaluate(self) -> EvalPoint:
-        theta = self.theta0
-        return EvalPoint(self.tick, self.stage.c0_measurements,
-                         self.model.cost(theta, self._eval_batch), self.model.accuracy(theta, self._eval_batch))
+        # One forward pass for both numbers (models share it in evaluate()).
+        cost, accuracy = self.model.evaluate(self.theta0, self._eval_batch)
+        return EvalPoint(self.tick, self.stage.c0_measurements, cost, accuracy)
 
     def _solved(self, point: EvalPoint) -> np.ndarray:
         ok = np.ones(len(point.cost), dtype=bool)

@@ -99,6 +99,12 @@ def _sigmoid_(z: np.ndarray) -> np.ndarray:
 
     e^(−z) is capped at e^700 so that saturated units give 0 without an overflow warning."""
     np.negative(z, out=z)
+    return _sigmoid_of_negated_(z)
+
+
+def _sigmoid_of_negated_(nz: np.ndarray) -> np.ndarray:
+    """In place: σ(z) from nz = −z, i.e. 1 / (1 + e^(min(nz, 700)))."""
+    z = nz
     np.minimum(z, 700.0, out=z)
     np.exp(z, out=z)
     z += 1.0
@@ -145,7 +151,8 @@ class MLP(Model):
         return rng.uniform(-1.0, 1.0, size=(int(runs), self.num_params)) * self.init_scale
 
     def _theta(self, theta) -> tuple[np.ndarray, bool]:
-        theta = np.asarray(theta, dtype=np.float64)
+        if type(theta) is not np.ndarray or theta.dtype != np.float64:
+            theta = np.asarray(theta, dtype=np.float64)
         single = theta.ndim == 1
         if single:
             theta = theta[None, :]
@@ -185,7 +192,10 @@ class MLP(Model):
             eye = np.eye(n_h)
             kw = np.einsum("op,bi->oipb", eye, x).reshape(n_h * x.shape[1], n_h * b)
             kb = np.repeat(eye, b, axis=1)
-            k1 = np.ascontiguousarray(np.vstack([kw, kb]))
+            # Stored negated: the GEMM then yields −z₁, the argument σ needs, and saves a pass.
+            # IEEE negation is exact and rounding is sign-symmetric, so θ·(−K) = −(θ·K) bit for
+            # bit (up to the sign of exact zeros, which e^(·) does not see).
+            k1 = np.ascontiguousarray(-np.vstack([kw, kb]))
         return Batch(x=xt, y=y, target=np.ascontiguousarray(target), size=int(y.shape[-1]), aux=k1)
 
     # -- forward
@@ -197,7 +207,7 @@ class MLP(Model):
         a = batch.x
         if batch.aux is not None:
             w0, _, b1, n_out, _ = self._slices[0]
-            a = _sigmoid_(np.matmul(theta[:, w0:b1], batch.aux).reshape(s, n_out, batch.size))
+            a = _sigmoid_of_negated_(np.matmul(theta[:, w0:b1], batch.aux).reshape(s, n_out, batch.size))
             if keep:
                 acts.append(a)
             first = 1
@@ -210,7 +220,22 @@ class MLP(Model):
         return acts if keep else [a]
 
     def _out(self, theta: np.ndarray, batch: Batch) -> np.ndarray:
-        return self._forward(theta, batch, keep=False)[0]  # (S, out, B)
+        """Output activations (S, out, B): :meth:`_forward` without keeping the hidden
+        layers, spelled out because this is the per-tick hot path (same operations)."""
+        s = theta.shape[0]
+        a = batch.x
+        layers = self._slices
+        first = 0
+        if batch.aux is not None:
+            w0, _, b1, n_out, _ = layers[0]
+            a = _sigmoid_of_negated_(np.matmul(theta[:, w0:b1], batch.aux).reshape(s, n_out, batch.size))
+            first = 1
+        for k in range(first, len(layers)):
+            w0, b0, b1, n_out, n_in = layers[k]
+            z = np.matmul(theta[:, w0:b0].reshape(s, n_out, n_in), a)
+            z += theta[:, b0:b1, None]
+            a = _sigmoid_(z)
+        return a
 
     def forward(self, theta, x: np.ndarray) -> np.ndarray:
         """Network outputs for raw inputs x (B, n_in) or (S, B, n_in): (S, B, n_out)."""
