@@ -23,6 +23,11 @@ from typing import Any
 PERTURBATIONS = ("tm", "cm", "rcm", "fm")
 MODES = ("discrete", "analog")
 INTEGRATORS = ("auto", "sum", "lowpass", "momentum")
+TIMINGS = ("sync", "async")
+CORRELATIONS = ("tagged", "untagged")
+JITTER_DISTS = ("uniform", "exponential")
+# Link-model fields a per-node override (``node_links``) may set.
+LINK_FIELDS = ("delay", "jitter", "drop", "up_delay", "up_jitter", "up_drop", "drift")
 _TASK_RE = re.compile(r"^(parity([2-9]|1[0-2])|fmnist|cifar10)$")
 _MLP_RE = re.compile(r"^\d+(-\d+)+$")
 TASK_HELP = "parity2..parity12, fmnist, cifar10"
@@ -70,6 +75,20 @@ class JobConfig:
     eval_samples: int = 0  # held-out samples per check (0 = whole split)
     nodes: int = 1
     data_dir: str = ""
+    # --- timing and links (DESIGN §2); all in ticks, so the engine and the cluster agree ---
+    timing: str = "sync"  # sync: lock-step ticks; async: every node ticks on its own clock
+    correlation: str = "tagged"  # tagged: C̃ carries its tick; untagged: nodes use their current θ̃
+    delay: int = 0  # C̃ broadcast → node: fixed delay, ticks
+    jitter: int = 0  # C̃ broadcast → node: extra random delay, ticks (spread of jitter_dist)
+    jitter_dist: str = "uniform"  # uniform on {0…jitter}, or exponential with mean jitter (rounded)
+    drop: float = 0.0  # C̃ broadcast → node: probability a message is lost
+    up_delay: int = 0  # node → broadcaster weights (async only: sync waits for every shard)
+    up_jitter: int = 0
+    up_drop: float = 0.0
+    drift: float = 0.0  # async: node clock rates drawn uniformly from 1 ± drift
+    node_links: dict = field(default_factory=dict)  # {"<node index>": {link field: value}} overrides
+    tick_period: float = 0.0  # τ_p of the cluster in seconds (0: as fast as the links allow; async needs > 0)
+    checkpoint_every: int = 1000  # cluster: ticks between θ⁰ checkpoints (fault recovery)
 
     def __post_init__(self) -> None:
         if not self.network:
@@ -90,9 +109,16 @@ class JobConfig:
         return self.tau_theta / self.tau_x * self.batch
 
     # --- wire / file form ---------------------------------------------------------------
+    def link(self, node: int) -> dict[str, Any]:
+        """The link-model fields of node ``node``: the job's, with its ``node_links`` overrides."""
+        values = {name: getattr(self, name) for name in LINK_FIELDS}
+        values.update(self.node_links.get(str(node), {}))
+        return values
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["fm_band"] = list(self.fm_band)
+        d["node_links"] = {k: dict(v) for k, v in self.node_links.items()}
         return d
 
     @classmethod
@@ -192,3 +218,29 @@ def _validate(c: JobConfig) -> None:
     _int_range("nodes", c.nodes, 1, 4096)
     if not isinstance(c.data_dir, str):
         raise ConfigError("data_dir", f"must be a path string; got {c.data_dir!r}")
+    _choice("timing", c.timing, TIMINGS)
+    _choice("correlation", c.correlation, CORRELATIONS)
+    _choice("jitter_dist", c.jitter_dist, JITTER_DISTS)
+    _validate_link("", {name: getattr(c, name) for name in LINK_FIELDS})
+    if not isinstance(c.node_links, dict):
+        raise ConfigError("node_links", f"must be a mapping of node index to link fields; got {c.node_links!r}")
+    for key, override in c.node_links.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < c.nodes):
+            raise ConfigError("node_links", f"keys must be node indices '0'…'{c.nodes - 1}'; got {key!r}")
+        if not isinstance(override, dict) or set(override) - set(LINK_FIELDS):
+            raise ConfigError(f"node_links.{key}", f"must map some of {', '.join(LINK_FIELDS)} to values; got {override!r}")
+        _validate_link(f"node_links.{key}.", override)
+    if c.timing == "async" and c.mode == "analog":
+        raise ConfigError("timing", "async clocks are modelled for discrete mode; use timing 'sync' with mode 'analog'")
+    _float_range("tick_period", c.tick_period, 0.0, 60.0, lo_open=False)
+    _int_range("checkpoint_every", c.checkpoint_every, 1)
+
+
+def _validate_link(prefix: str, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        if name in ("drop", "up_drop"):
+            _float_range(prefix + name, value, 0.0, 0.99, lo_open=False)
+        elif name == "drift":
+            _float_range(prefix + name, value, 0.0, 0.5, lo_open=False)
+        else:
+            _int_range(prefix + name, value, 0, 1_000_000)

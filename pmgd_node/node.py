@@ -50,8 +50,8 @@ class ParameterNode:
         self._inv_power = theta0.dtype.type(1.0 / self.perturbation.power)
         self._eta = theta0.dtype.type(config.eta)
         self._analog = config.mode == "analog"
-        self._block_t0 = -1
-        self._block: np.ndarray | None = None
+        self._tagged = config.correlation == "tagged"
+        self._blocks: dict[int, np.ndarray] = {}
         # Reused buffers: a block of θ̃ is ~S·n·BLOCK values, and ε is rebuilt every tick.
         self._block_buf = np.empty((BLOCK,) + theta0.shape, dtype=theta0.dtype)
         self._eps = np.empty_like(theta0)
@@ -64,13 +64,20 @@ class ParameterNode:
         return self.integrator.g
 
     def perturbation_at(self, tick: int) -> np.ndarray:
-        """θ̃[tick] of this shard, (S, n), from the cached block of ticks when possible."""
-        k = tick - self._block_t0
-        if not 0 <= k < BLOCK or self._block is None:
-            self._block_t0 = tick - tick % BLOCK
-            self._block = self.perturbation.block(self._block_t0, BLOCK, self.start, self.stop, out=self._block_buf)
-            k = tick - self._block_t0
-        return self._block[k]
+        """θ̃[tick] of this shard, (S, n), from a cached block of ticks when possible.
+
+        Two blocks are kept so that a late (tagged) C̃ from the previous block does not
+        evict the current one.
+        """
+        t0 = tick - tick % BLOCK
+        block = self._blocks.get(t0)
+        if block is None:
+            if len(self._blocks) == 2:
+                buf = self._blocks.pop(min(self._blocks))
+            else:
+                buf = self._block_buf if not self._blocks else np.empty_like(self._block_buf)
+            block = self._blocks[t0] = self.perturbation.block(t0, BLOCK, self.start, self.stop, out=buf)
+        return block[tick - t0]
 
     def effective_weights(self, tick: int) -> np.ndarray:
         """θ⁰ + θ̃[tick]: what the network computes with during a perturbed tick."""
@@ -79,19 +86,39 @@ class ParameterNode:
     def update_due(self, tick: int) -> bool:
         return self._analog or (tick + 1) % self._tau_theta == 0
 
-    def receive(self, c_tilde: np.ndarray, tick: int) -> bool:
-        """Integrate ε = C̃·θ̃[tick]/⟨θ̃²⟩ and apply the update if one is due; True if θ⁰ changed.
+    def hear(self, c_tilde: np.ndarray, tag: int, now: int) -> None:
+        """Integrate ε = C̃·θ̃[k]/⟨θ̃²⟩ for a C̃ measured at tick ``tag`` and heard at tick ``now``.
 
-        ``c_tilde`` has one value per run, shape (S,).
+        Tagged correlation uses k = tag, the perturbation that produced this C̃; untagged
+        uses k = now, whatever the node applies when the value arrives (a plain analog
+        multiplier). Without delay both are the same. ``c_tilde`` has one value per run, (S,).
         """
+        k = tag if self._tagged else now
         c = np.asarray(c_tilde, dtype=self.theta0.dtype)[:, None]
-        eps = np.multiply(c, self.perturbation_at(tick), out=self._eps)
+        eps = np.multiply(c, self.perturbation_at(k), out=self._eps)
         eps *= self._inv_power
         self.integrator.accumulate(eps)
+
+    def end_tick(self, tick: int) -> bool:
+        """Close tick ``tick``: apply θ⁰ ← θ⁰ − ηG if an update is due; True if θ⁰ changed."""
         if not (self._analog or (tick + 1) % self._tau_theta == 0):
             return False
-        # ε's buffer is free again: it takes η·G (the same product as a fresh array would).
-        self.theta0 -= np.multiply(self._eta, self.integrator.g, out=eps)
+        # ε's buffer is free between ticks: it takes η·G (the same product as a fresh array would).
+        self.theta0 -= np.multiply(self._eta, self.integrator.g, out=self._eps)
         self.integrator.after_update()
         self.updates += 1
         return True
+
+    def receive(self, c_tilde: np.ndarray, tick: int) -> bool:
+        """Hear C̃[tick] at tick ``tick`` (no link delay) and close the tick; True if θ⁰ changed."""
+        self.hear(c_tilde, tick, tick)
+        return self.end_tick(tick)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """θ⁰ and G of this shard: everything a checkpoint must hold to resume the node."""
+        return {"theta0": self.theta0.copy(), "gradient": self.integrator.g.copy()}
+
+    def restore(self, theta0: np.ndarray, gradient: np.ndarray, updates: int) -> None:
+        self.theta0[...] = theta0
+        self.integrator.g[...] = gradient
+        self.updates = updates

@@ -33,7 +33,22 @@ _HELP = {
     "target_accuracy": "stop at this accuracy ('none' to disable)",
     "target_cost": "stop at this cost ('none' to disable)",
     "data_dir": "directory holding the Fashion-MNIST / CIFAR-10 files",
+    "timing": "sync (lock-step) or async (each node on its own clock)",
+    "correlation": "tagged (C̃ carries its tick) or untagged (nodes use their current θ̃)",
+    "delay": "C̃ broadcast delay to the nodes, ticks",
+    "jitter": "extra random C̃ delay, ticks",
+    "jitter_dist": "uniform or exponential",
+    "drop": "probability a C̃ message to a node is lost",
+    "up_delay": "node → broadcaster weights delay, ticks (async)",
+    "up_jitter": "extra random weights delay, ticks (async)",
+    "up_drop": "probability a weights message is lost (async)",
+    "drift": "async: node clock rates uniform in 1 ± drift",
+    "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
+    "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
 }
+
+
+_FILE_ONLY = ("node_links",)  # nested settings: config files only
 
 
 def _optional_float(text: str) -> float | None:
@@ -43,6 +58,8 @@ def _optional_float(text: str) -> float | None:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(JobConfig)
     for f in dataclasses.fields(JobConfig):
+        if f.name in _FILE_ONLY:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         kwargs: dict = {"dest": f.name, "default": None, "help": _HELP.get(f.name, f.name.replace("_", " "))}
@@ -60,7 +77,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     base = JobConfig.load(args.config).to_dict() if args.config else {}
     for f in dataclasses.fields(JobConfig):
-        value = getattr(args, f.name)
+        value = getattr(args, f.name, None)
         if value is not None:
             base[f.name] = value
     if "task" in base and "network" not in base:

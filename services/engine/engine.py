@@ -85,7 +85,7 @@ class Engine:
             raise ConfigError("nodes", f"must be in [1, {P}] for a {P}-parameter network; got {config.nodes}")
         theta0 = initial_parameters(self.model, config)
         self.nodes = [ParameterNode(config, P, a, b, theta0[:, a:b]) for a, b in shard_ranges(P, config.nodes)]
-        self.transport = InMemoryTransport(self.nodes)
+        self.transport = InMemoryTransport(self.nodes, config)
         self.stage = OutputStage(config, self.model, train)
         self._eval_batch = self.model.prepare(evalset.x, evalset.y)
         self.tick = 0

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from pmgd_node.link import Receiver, node_links
 from pmgd_node.node import ParameterNode
 
 
 class InMemoryTransport:
-    def __init__(self, nodes: list[ParameterNode]):
+    """Lock-step links in virtual time; each node's downlink applies its link model in ticks."""
+
+    def __init__(self, nodes: list[ParameterNode], config=None):
         self.nodes = sorted(nodes, key=lambda n: n.start)
+        links = [node_links(config, i)[0] for i in range(len(self.nodes))] if config is not None else []
+        self.receivers = [Receiver(n, link) for n, link in zip(self.nodes, links)]
+        self._ideal = all(link.ideal for link in links)
 
     def _gather(self, parts: list[np.ndarray]) -> np.ndarray:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
@@ -32,5 +38,16 @@ class InMemoryTransport:
         return self._gather([n.gradient for n in self.nodes])
 
     def publish(self, c_tilde: np.ndarray, tick: int) -> None:
-        for node in self.nodes:
-            node.receive(c_tilde, tick)
+        """Broadcast C̃[tick]; every node then closes tick ``tick`` with what has arrived."""
+        if self._ideal:
+            for node in self.nodes:
+                node.receive(c_tilde, tick)
+            return
+        for rx in self.receivers:
+            rx.offer(c_tilde, tick, tick)
+            rx.close_tick(tick)
+
+    @property
+    def dropped(self) -> list[int]:
+        """C̃ messages each node's downlink has lost so far."""
+        return [rx.dropped for rx in self.receivers]

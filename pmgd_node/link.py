@@ -1,0 +1,103 @@
+"""Link models: what a message suffers between a node and the broadcaster (DESIGN §2).
+
+Each direction of each node's link delays, jitters and drops messages as a pure function
+of (job seed, node, direction, message sequence number), so the in-process engine and the
+cluster draw exactly the same fates:
+
+    dropped  with probability p                     (u₁ < p)
+    delay  = d + j,  j ~ uniform{0…J}               (jitter_dist "uniform")
+                    j = round(−J·ln(1 − u₂))        (jitter_dist "exponential", mean ≈ J)
+
+Delays are in ticks: the engine applies them in virtual time, the sync cluster in ticks on
+the receiving node, the async cluster as ticks × τ_p of wall time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from .perturbation import seeded_uniform
+
+_LINK_STREAM = 0x4C494E4B  # "LINK"
+DOWN, UP = 0, 1
+
+
+class Link:
+    """The fate of message ``seq`` on one direction of one node's link."""
+
+    def __init__(self, seed: int, node: int, direction: int, delay: int = 0, jitter: int = 0,
+                 drop: float = 0.0, dist: str = "uniform"):
+        self.delay, self.jitter, self.drop, self.dist = int(delay), int(jitter), float(drop), dist
+        self._seeds = np.array([seed])
+        self._stream = _LINK_STREAM ^ (node << 1 | direction) << 32
+        self.ideal = self.delay == 0 and self.jitter == 0 and self.drop == 0.0
+
+    def fate(self, seq: int) -> int | None:
+        """Ticks of delay for message ``seq``, or None if the link loses it."""
+        if self.ideal:
+            return 0
+        u_drop, u_jit = seeded_uniform(self._seeds, self._stream, np.array([2 * seq, 2 * seq + 1]))[0]
+        if u_drop < self.drop:
+            return None
+        if self.jitter == 0:
+            return self.delay
+        if self.dist == "uniform":
+            return self.delay + int(u_jit * (self.jitter + 1))
+        return self.delay + int(round(-self.jitter * math.log1p(-u_jit)))
+
+
+def node_links(config, node: int) -> tuple[Link, Link]:
+    """(downlink, uplink) of node ``node`` under ``config`` (a JobConfig) and its overrides."""
+    f = config.link(node)
+    down = Link(config.seed, node, DOWN, f["delay"], f["jitter"], f["drop"], config.jitter_dist)
+    up = Link(config.seed, node, UP, f["up_delay"], f["up_jitter"], f["up_drop"], config.jitter_dist)
+    return down, up
+
+
+class DelayLine:
+    """Messages in flight, released in order of arrival tick (ties by the tick they carry)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, object]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, arrival: int, tag: int, payload: object) -> None:
+        heapq.heappush(self._heap, (arrival, tag, payload))
+
+    def due(self, now: int):
+        """Yield (tag, payload) of every message arriving at or before ``now``."""
+        while self._heap and self._heap[0][0] <= now:
+            _, tag, payload = heapq.heappop(self._heap)
+            yield tag, payload
+
+
+class Receiver:
+    """A node's end of its downlink: C̃ values in flight until their arrival tick.
+
+    ``offer`` is called when the broadcaster sends C̃ (tagged with its tick); ``close_tick``
+    when the node's tick ``now`` ends: every value that has arrived by then is heard (in
+    arrival order), then the node applies its update if one is due. With an ideal link this
+    is exactly ``node.receive(c, t)``.
+    """
+
+    def __init__(self, node, link: Link):
+        self.node, self.link = node, link
+        self.line = DelayLine()
+        self.dropped = 0
+
+    def offer(self, c_tilde, tag: int, now: int, seq: int | None = None) -> None:
+        delay = self.link.fate(tag if seq is None else seq)
+        if delay is None:
+            self.dropped += 1
+        else:
+            self.line.push(now + delay, tag, c_tilde)
+
+    def close_tick(self, now: int) -> bool:
+        for tag, c_tilde in self.line.due(now):
+            self.node.hear(c_tilde, tag, now)
+        return self.node.end_tick(now)
