@@ -91,11 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one job (all its seeds) and print a summary",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", help="JSON or TOML file of job-config fields (flags override it)")
-    train.add_argument("--engine", choices=["local"], default="local", help="where the job runs")
+    train.add_argument("--engine", choices=["local", "cluster"], default="local",
+                       help="local: the in-process engine; cluster: broadcaster and node processes over ZeroMQ")
+    train.add_argument("--cluster", default="", metavar="ENDPOINT",
+                       help="control endpoint of a running broadcaster (pmgd up); default: start a local cluster")
     train.add_argument("--device", default=None, help="torch device for the CNN models (default: cuda if available)")
     train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
+    up = sub.add_parser("up", help="start a local cluster (broadcaster + N nodes) until Ctrl-C")
+    up.add_argument("--nodes", type=int, default=2, help="parameter-node processes")
+    up.add_argument("--state-dir", default="", help="broadcaster checkpoints survive restarts here")
+    up.add_argument("--log-dir", default="", help="write each process's output to LOG_DIR/<name>.log")
+    sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
+    sub.add_parser("node", help="run one parameter-node process", add_help=False)
     return parser
 
 
@@ -103,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.train import train_job  # heavy imports (torch) only once a command runs
 
     config = config_from_args(args)
-    summary = train_job(config, device=args.device, progress=not args.quiet)
+    summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster)
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
@@ -111,12 +120,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from services.cluster.launcher import LocalCluster
+
+    if args.nodes < 1:
+        raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}")
+    cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        cluster.start()
+        for name, endpoint in cluster.endpoints.items():
+            print(f"{name:>9}  {endpoint}", flush=True)
+        print(f"broadcaster pid {cluster.broadcaster.pid}; {args.nodes} node(s) pids "
+              f"{', '.join(str(p.pid) for p in cluster.nodes)}", flush=True)
+        print(f"submit with: pmgd train --engine cluster --cluster {cluster.endpoints['control']} …  (Ctrl-C stops)",
+              flush=True)
+        while not stop and all(p.poll() is None for p in cluster.processes()):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        print("cluster stopped", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Service commands parse their own flags (their settings objects own them).
+    if argv and argv[0] == "broadcaster":
+        from services.broadcaster.service import main as broadcaster_main
+        return broadcaster_main(argv[1:])
+    if argv and argv[0] == "node":
+        from pmgd_node.process import main as node_main
+        return node_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "up":
+            return cmd_up(args)
     except ConfigError as err:
         parser.exit(2, f"pmgd: error: {err}\n")
     except (FileNotFoundError, RuntimeError) as err:

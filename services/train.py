@@ -48,30 +48,49 @@ def summary_table(summary: dict) -> Table:
     return t
 
 
+def _status(cost, accuracy, solved: int, runs: int) -> str:
+    return f"cost {np.median(cost):.4f} · acc {100 * np.median(accuracy):.1f}% · solved {solved}/{runs}"
+
+
 def train_job(config: JobConfig, device: str | None = None, progress: bool = True,
-              console: Console | None = None) -> dict:
-    """Run ``config`` to its stopping rule; print progress and the summary; return the summary."""
+              console: Console | None = None, engine: str = "local", cluster: str = "") -> dict:
+    """Run ``config`` to its stopping rule; print progress and the summary; return the summary.
+
+    ``engine`` "local" runs the in-process engine; "cluster" submits the job to the
+    broadcaster at ``cluster`` (a control endpoint), or, when that is empty, to a local
+    cluster of ``config.nodes`` node processes started for this job and stopped after it.
+    """
     console = console or Console(stderr=True)
-    engine = Engine(config, device=device)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("ticks · {task.fields[status]}"), TimeElapsedColumn(),
                    console=console, disable=not progress, transient=False)
+    started = time.perf_counter()
     with bar:
         task = bar.add_task("training", total=config.max_ticks, status="")
-
-        def on_eval(point, solved):
-            bar.update(task, completed=point.tick,
-                       status=f"cost {np.median(point.cost):.4f} · acc {100 * np.median(point.accuracy):.1f}%"
-                              f" · solved {int(solved.sum())}/{len(solved)}")
-
-        started = time.perf_counter()
-        result = engine.run(on_eval=on_eval)
-        bar.update(task, total=result.ticks, completed=result.ticks)
-    summary = summarize(result)
+        if engine == "cluster":
+            summary = _run_on_cluster(config, cluster, lambda d: bar.update(
+                task, completed=d["tick"], status=_status(d["cost"], d["accuracy"], d["solved"], config.seeds)))
+        else:
+            local = Engine(config, device=device)
+            result = local.run(on_eval=lambda point, solved: bar.update(
+                task, completed=point.tick, status=_status(point.cost, point.accuracy, int(solved.sum()), len(solved))))
+            summary = summarize(result)
+            summary["device"] = str(getattr(local.model, "device", "cpu"))
+            if len(result.solved) > 1:
+                summary["ticks_to_solution"] = result.ticks_to_solution.tolist()
+        bar.update(task, total=summary["ticks_run"], completed=summary["ticks_run"])
+    summary["engine"] = engine
     summary["total_wall_time_s"] = time.perf_counter() - started
-    summary["device"] = str(getattr(engine.model, "device", "cpu"))
     summary["config"] = config.to_dict()
-    if len(result.solved) > 1:
-        summary["ticks_to_solution"] = result.ticks_to_solution.tolist()
     console.print(summary_table(summary))
     return summary
+
+
+def _run_on_cluster(config: JobConfig, control: str, on_progress) -> dict:
+    from services.cluster.client import run_job
+    from services.cluster.launcher import LocalCluster
+
+    if control:
+        return run_job(config, control, on_progress)
+    with LocalCluster(config.nodes) as cluster:
+        return run_job(config, cluster.endpoints["control"], on_progress)

@@ -93,6 +93,27 @@ class OutputStage:
             batch = self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
         return batch
 
+    def snapshot(self) -> dict:
+        """The stage's state at a tick boundary as plain data (checkpoints, broadcaster restarts)."""
+        ex = self.extractor
+        held = ex.c0 if self.discrete else ex._y
+        last = None if self.discrete else ex._x
+        return {"held": None if held is None else held.tolist(), "last": None if last is None else last.tolist(),
+                "c0_stale": self._c0_stale, "c0_measurements": self.c0_measurements}
+
+    def restore(self, snap: dict, tick: int) -> None:
+        """Return to the boundary before tick ``tick`` recorded by :meth:`snapshot`."""
+        ex = self.extractor
+        arr = (lambda v: None if v is None else np.array(v, dtype=np.float64))
+        if self.discrete:
+            ex.c0 = arr(snap["held"])
+        else:
+            ex._y, ex._x = arr(snap["held"]), arr(snap["last"])
+        self._c0_stale = snap["c0_stale"]
+        self.c0_measurements = snap["c0_measurements"]
+        # The input on show is the one presented at the last input change before ``tick``.
+        self.batch = self._prepare(self.schedule.indices((tick - 1) // self._tau_x)) if tick > 0 else None
+
     @property
     def needs_c0(self) -> bool:
         return self.discrete and self._c0_stale

@@ -1,0 +1,241 @@
+"""The parameter-node process: the thin I/O shell around :class:`~pmgd_node.node.ParameterNode`.
+
+It joins a broadcaster, receives a shard and the job config, and then, in sync mode, runs
+the lock-step loop
+
+    send Weights(t) = θ⁰ + θ̃[t]  (and θ⁰ when it changed)  →  wait for C̃[t]
+    offer C̃[t] to the downlink model; close tick t (hear what arrived, update if due)
+
+It checkpoints its whole state every ``checkpoint_every`` ticks, heartbeats, re-joins when
+the broadcaster goes silent (a restarted broadcaster re-assigns it from its checkpoint),
+asks for a C̃ it has waited too long for (PUB/SUB may drop; state comes by request), and
+leaves cleanly on a stop, SIGTERM or SIGINT. Every malformed frame is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from . import protocol as p
+from .config import JobConfig
+from .link import Receiver, node_links
+from .node import ParameterNode
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSettings:
+    """Where the broadcaster listens and how patient a node is (env ``PMGD_*``, flags override)."""
+
+    control: str = "tcp://127.0.0.1:5555"
+    weights: str = "tcp://127.0.0.1:5556"
+    cost: str = "tcp://127.0.0.1:5557"
+    node_id: str = ""
+    heartbeat_s: float = 0.5
+    broadcaster_timeout_s: float = 3.0  # silence after which the node joins again
+    resend_s: float = 0.5  # wait for a C̃ before asking the broadcaster for it directly
+
+    @classmethod
+    def from_env(cls, env=os.environ, **overrides) -> "NodeSettings":
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("PMGD_" + f.name.upper())
+            if raw is not None and f.type == "float":
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise SystemExit(f"PMGD_{f.name.upper()} must be a number of seconds; got {raw!r}") from None
+            elif raw is not None:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if not s.node_id:
+            s = dataclasses.replace(s, node_id=f"{socket.gethostname()}-{os.getpid()}")
+        return s
+
+
+def _pending_arrays(rx: Receiver, runs: int) -> dict[str, np.ndarray]:
+    items = sorted(rx.line._heap, key=lambda e: (e[0], e[1]))
+    return {
+        "pending_arrival": np.array([a for a, _, _ in items], dtype=np.int64),
+        "pending_tag": np.array([t for _, t, _ in items], dtype=np.int64),
+        "pending_value": np.array([v for _, _, v in items], dtype=np.float64).reshape(len(items), runs),
+    }
+
+
+class NodeProcess:
+    def __init__(self, settings: NodeSettings):
+        self.s = settings
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.ROUTING_ID, settings.node_id.encode())
+        self.weights = self.ctx.socket(zmq.PUSH)
+        self.cost = self.ctx.socket(zmq.SUB)
+        for sock, ep in ((self.control, settings.control), (self.weights, settings.weights), (self.cost, settings.cost)):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ep)
+        self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
+        self.dropped: dict[str, int] = {}
+        self.running = True
+        self._reset_job()
+
+    def _reset_job(self) -> None:
+        self.job = ""
+        self.epoch = 0
+        self.node: ParameterNode | None = None
+        self.rx: Receiver | None = None
+        self.config: JobConfig | None = None
+        self.tick = 0
+        self.shard = -1
+        self.paused = False
+        self._static_sent = False
+
+    # --- sending -------------------------------------------------------------------------
+    def _send_control(self, msg: p.Message) -> None:
+        self.control.send_multipart(p.encode(msg), copy=False)
+
+    def _send_weights(self) -> None:
+        node = self.node
+        static = None if self._static_sent else node.theta0
+        self.weights.send_multipart(p.encode(p.Weights(self.job, self.epoch, self.shard, self.tick,
+                                                       node.effective_weights(self.tick), static)), copy=False)
+        self._static_sent = True
+        self._sent_at = time.monotonic()
+
+    def _checkpoint(self) -> None:
+        node = self.node
+        self._send_control(p.Checkpoint(self.job, self.epoch, self.shard, self.tick, node.updates, node.theta0,
+                                        node.gradient, **_pending_arrays(self.rx, self.config.seeds)))
+
+    # --- receiving -----------------------------------------------------------------------
+    def _decode(self, frames: list[bytes]) -> p.Message | None:
+        try:
+            return p.decode(frames)
+        except p.ProtocolError as err:
+            self.dropped[err.reason] = self.dropped.get(err.reason, 0) + 1
+            return None
+
+    def _on_assign(self, a: p.Assign) -> None:
+        try:
+            config = JobConfig.from_dict(a.config)
+            node = ParameterNode(config, a.num_params, a.start, a.stop, np.array(a.theta0, dtype=np.float64))
+        except ValueError as err:
+            self.dropped["assign"] = self.dropped.get("assign", 0) + 1
+            print(f"pmgd node {self.s.node_id}: rejected assignment: {err}", file=sys.stderr, flush=True)
+            return
+        node.restore(a.theta0, a.gradient, a.updates)
+        self._reset_job()
+        self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
+        self.node = node
+        self.rx = Receiver(node, node_links(config, a.shard)[0])
+        for arrival, tag, value in zip(a.pending_arrival, a.pending_tag, a.pending_value):
+            self.rx.line.push(int(arrival), int(tag), np.array(value))
+        self._send_weights()
+
+    def _on_cost(self, c: p.CostVariation) -> None:
+        if c.job != self.job or c.epoch != self.epoch or self.node is None or c.tick != self.tick:
+            return  # another job, a rolled-back epoch, or a duplicate of a tick already closed
+        if c.c_tilde.shape != (self.config.seeds,):
+            self.dropped["shape"] = self.dropped.get("shape", 0) + 1
+            return
+        self.rx.offer(c.c_tilde, c.tick, self.tick)
+        if self.rx.close_tick(self.tick):
+            self._static_sent = False  # θ⁰ changed: the next weights carry it
+        self.tick += 1
+        if self.tick % self.config.checkpoint_every == 0:
+            self._checkpoint()
+        if not self.paused:
+            self._send_weights()
+
+    def _on_control(self, c: p.Control) -> None:
+        if c.job != self.job:
+            return
+        if c.command == "stop":
+            self._reset_job()
+        elif c.command == "pause":
+            self.paused = True
+        elif c.command in ("resume", "start") and self.paused:
+            self.paused = False
+            self._send_weights()
+
+    def handle(self, msg: p.Message | None) -> None:
+        if isinstance(msg, p.Assign):
+            self._on_assign(msg)
+        elif isinstance(msg, p.CostVariation):
+            self._on_cost(msg)
+        elif isinstance(msg, p.Control):
+            self._on_control(msg)
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.cost, zmq.POLLIN)
+        self._send_control(p.Join(self.s.node_id, os.getpid()))
+        last_heard = last_beat = time.monotonic()
+        self._sent_at = last_heard
+        while self.running:
+            events = dict(poller.poll(int(self.s.heartbeat_s * 500)))
+            now = time.monotonic()
+            if self.control in events:
+                for _ in range(100):
+                    try:
+                        frames = self.control.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_heard = now
+                    self.handle(self._decode(frames))
+            if self.cost in events:
+                for _ in range(100):
+                    try:
+                        frames = self.cost.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_heard = now
+                    self.handle(self._decode(frames[1:]) if len(frames) > 1 else self._decode([]))
+            if now - last_beat >= self.s.heartbeat_s:
+                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick))
+                last_beat = now
+            if self.node is not None and not self.paused and now - self._sent_at > self.s.resend_s:
+                # No C̃ for our tick yet: ask for it (the heartbeat carries our tick) and resend
+                # the weights in case they were the ones lost.
+                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick))
+                self._send_weights()
+            if now - last_heard > self.s.broadcaster_timeout_s:
+                self._reset_job()  # the broadcaster restarts jobs from its checkpoints
+                self._send_control(p.Join(self.s.node_id, os.getpid()))
+                last_heard = now
+        self._send_control(p.Control(self.job, "stop", self.tick, reason="node leaving"))
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        for sock in (self.control, self.weights, self.cost):
+            sock.close(linger=0)
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pmgd node", description="run one PMGD parameter node")
+    for f in dataclasses.fields(NodeSettings):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            type=float if f.type == "float" else str,
+                            help=f"default: env PMGD_{f.name.upper()} or {f.default!r}")
+    args = parser.parse_args(argv)
+    proc = NodeProcess(NodeSettings.from_env(**vars(args)))
+
+    def leave(signum, frame):
+        proc.running = False
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    print(f"pmgd node {proc.s.node_id}: joining {proc.s.control}", flush=True)
+    return proc.run()

@@ -1,0 +1,224 @@
+"""One job on the broadcaster: the lock-step tick cycle, checkpoints and rollback (no I/O).
+
+The broadcaster service feeds this class decoded messages and sends what it returns. Per
+tick t (sync mode):
+
+    every shard's Weights(t) is in      →  θ⁰ view updated from the shards that changed
+    t > 0 and (t mod eval_every = 0 or t = max_ticks)  →  evaluate θ⁰, check the stopping rule
+    C₀ if the output stage needs it; C̃[t] = extract(C(θ⁰ + θ̃[t]))  →  CostVariation(t)
+
+which is the in-process engine's order exactly, so the trajectories agree bit for bit.
+
+Fault tolerance: every ``checkpoint_every`` ticks each node sends its whole state at the
+tick boundary; once all shards of one boundary are in, that boundary is the job's
+checkpoint (with the output stage's state and the history up to it). After a node is lost
+and replaced, or after a broadcaster restart, every shard restarts from that checkpoint
+under a new ``epoch``: PMGD is deterministic given (config, tick), so the replay reproduces
+the trajectory the job would have had without the fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from pmgd_node import protocol as p
+from pmgd_node.config import JobConfig
+from pmgd_node.sharding import shard_ranges
+from services.broadcaster.output_stage import OutputStage
+from services.engine.engine import EngineResult, EvalPoint, initial_parameters, meets_target
+from services.evaluator.data import Dataset, load
+from services.evaluator.models import build_model
+
+_EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
+
+
+class JobRun:
+    def __init__(self, job_id: str, config: JobConfig, device: str | None = None):
+        if config.timing != "sync":
+            raise ValueError("the cluster broadcaster runs timing 'sync' jobs")
+        self.id, self.config = job_id, config
+        self.model = build_model(config.task, config.network, device=device, init_scale=config.init_scale)
+        train = load(config.task, config.data_dir, "train")
+        evalset = train if config.task.startswith("parity") else load(config.task, config.data_dir, "test")
+        if config.eval_samples:
+            evalset = Dataset(evalset.x[: config.eval_samples], evalset.y[: config.eval_samples],
+                              evalset.num_classes, evalset.name)
+        self.stage = OutputStage(config, self.model, train)
+        self._eval_batch = self.model.prepare(evalset.x, evalset.y)
+        P, S = self.model.num_params, config.seeds
+        if config.nodes > P:
+            raise ValueError(f"nodes must be in [1, {P}] for a {P}-parameter network; got {config.nodes}")
+        self.num_params = P
+        self.shards = shard_ranges(P, config.nodes)
+        theta0 = initial_parameters(self.model, config)
+        self.static = theta0.copy()
+        self.effective = np.empty_like(theta0)
+        self.epoch = 0
+        self.tick = 0
+        self.have: set[int] = set()
+        self.history: list[EvalPoint] = []
+        self.t_sol = np.full(S, -1, dtype=np.int64)
+        self.c0_sol = np.full(S, -1, dtype=np.int64)
+        self.trail = hashlib.sha256()  # chained hash of θ⁰ at the start of every tick
+        self._partial: dict[int, dict[int, p.Checkpoint]] = {}  # shard states of unfinished boundaries
+        self._stage_at: dict[int, dict] = {}  # broadcaster-side state at those boundaries
+        self.checkpoints_taken = 0
+        self.trail_valid = True  # False after a restart from disk (the chain is not persisted)
+        self.checkpoint = self._boundary(0, [self._shard_state(k, theta0, np.zeros_like(theta0), 0)
+                                             for k in range(len(self.shards))])
+        self.started = time.perf_counter()
+        self.finished = False
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _shard_state(self, k: int, theta0, gradient, updates: int, pending: dict | None = None) -> dict:
+        a, b = self.shards[k]
+        state = {"theta0": np.array(theta0[:, a:b] if theta0.shape[1] == self.num_params else theta0),
+                 "gradient": np.array(gradient[:, a:b] if gradient.shape[1] == self.num_params else gradient),
+                 "updates": updates}
+        state.update(pending or dict(_EMPTY, pending_value=np.zeros((0, self.config.seeds))))
+        return state
+
+    def _boundary(self, tick: int, shards: list[dict]) -> dict:
+        return {"tick": tick, "shards": shards, "stage": self.stage.snapshot(), "history": len(self.history),
+                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy(), "trail": self.trail.copy()}
+
+    def on_checkpoint(self, c: p.Checkpoint) -> bool:
+        """Collect one shard's state; True when a boundary is complete and became the checkpoint."""
+        if c.epoch != self.epoch or not 0 <= c.shard < len(self.shards) or c.tick <= self.checkpoint["tick"]:
+            return False
+        a, b = self.shards[c.shard]
+        if c.theta0.shape != (self.config.seeds, b - a) or c.gradient.shape != c.theta0.shape:
+            return False
+        self._partial.setdefault(c.tick, {})[c.shard] = c
+        return self._try_complete(c.tick)
+
+    def _try_complete(self, tick: int) -> bool:
+        parts = self._partial.get(tick, {})
+        if len(parts) < len(self.shards) or tick not in self._stage_at:
+            return False
+        shards = [self._shard_state(k, m.theta0, m.gradient, m.updates,
+                                    {"pending_arrival": m.pending_arrival, "pending_tag": m.pending_tag,
+                                     "pending_value": m.pending_value})
+                  for k, m in sorted(parts.items())]
+        self.checkpoint = dict(self._stage_at.pop(tick), shards=shards)
+        self._partial = {t: v for t, v in self._partial.items() if t > tick}
+        self._stage_at = {t: v for t, v in self._stage_at.items() if t > tick}
+        self.checkpoints_taken += 1
+        return True
+
+    def assignments(self) -> list[p.Assign]:
+        """Restart every shard from the checkpoint under a new epoch (also the first start)."""
+        ck = self.checkpoint
+        self.epoch += 1
+        self.tick = ck["tick"]
+        self.have.clear()
+        self._partial.clear()
+        self._stage_at = {}
+        self.stage.restore(ck["stage"], self.tick)
+        del self.history[ck["history"]:]
+        self.t_sol, self.c0_sol, self.trail = ck["t_sol"].copy(), ck["c0_sol"].copy(), ck["trail"].copy()
+        out = []
+        for k, ((a, b), st) in enumerate(zip(self.shards, ck["shards"])):
+            self.static[:, a:b] = st["theta0"]
+            out.append(p.Assign(self.id, self.epoch, k, a, b, self.num_params, self.tick, st["updates"],
+                                self.config.to_dict(), st["theta0"], st["gradient"], st["pending_arrival"],
+                                st["pending_tag"], st["pending_value"]))
+        return out
+
+    # --- the tick cycle -----------------------------------------------------------------------
+    def on_weights(self, w: p.Weights) -> bool:
+        """Store one shard's weights for the current tick; True when a malformed one was refused."""
+        if w.epoch != self.epoch or w.tick != self.tick or not 0 <= w.shard < len(self.shards):
+            return False  # stale (earlier tick or epoch) or a duplicate resend: nothing to do
+        a, b = self.shards[w.shard]
+        shape = (self.config.seeds, b - a)
+        if w.effective.shape != shape or (w.static is not None and w.static.shape != shape):
+            return True
+        self.effective[:, a:b] = w.effective
+        if w.static is not None:
+            self.static[:, a:b] = w.static
+        self.have.add(w.shard)
+        return False
+
+    @property
+    def ready(self) -> bool:
+        return len(self.have) == len(self.shards) and not self.finished
+
+    def advance(self) -> tuple[p.CostVariation | None, EvalPoint | None]:
+        """All weights of tick t are in: evaluate if due, then run tick t (None once finished)."""
+        cfg, t = self.config, self.tick
+        point = None
+        if t > 0 and (t % cfg.eval_every == 0 or t == cfg.max_ticks):
+            cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
+            point = EvalPoint(t, self.stage.c0_measurements, cost, accuracy)
+            self.history.append(point)
+            if cfg.target_accuracy is not None or cfg.target_cost is not None:
+                newly = meets_target(cfg, point) & (self.t_sol < 0)
+                self.t_sol[newly] = t
+                self.c0_sol[newly] = point.c0_measurements
+                self.finished = bool(np.all(self.t_sol >= 0))
+        if t >= cfg.max_ticks:
+            self.finished = True
+        if self.finished:
+            return None, point
+        if t > 0 and t % cfg.checkpoint_every == 0:
+            self._stage_at[t] = self._boundary(t, [])
+            self._try_complete(t)
+        self.trail.update(self.static.tobytes())
+        self.stage.begin_tick(t)
+        if self.stage.needs_c0:
+            self.stage.measure_c0(self.static)
+        c_tilde = self.stage.cost_variation(self.effective)
+        self.have.clear()
+        self.tick = t + 1
+        return p.CostVariation(self.id, self.epoch, t, t, np.ascontiguousarray(c_tilde, dtype=np.float64)), point
+
+    def result(self) -> EngineResult:
+        if self.history:
+            last = self.history[-1]
+        else:
+            cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
+            last = EvalPoint(self.tick, self.stage.c0_measurements, cost, accuracy)
+        return EngineResult(self.config, self.num_params, self.tick, self.stage.c0_measurements, self.t_sol >= 0,
+                            self.t_sol, self.c0_sol, last.cost, last.accuracy,
+                            time.perf_counter() - self.started, self.history)
+
+    # --- persistence (broadcaster restart) ----------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write the checkpoint atomically: ``path``.npz (arrays) beside ``path``.json (the rest)."""
+        ck = self.checkpoint
+        arrays = {f"{k}/{name}": st[name] for k, st in enumerate(ck["shards"])
+                  for name in ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
+        arrays.update(t_sol=ck["t_sol"], c0_sol=ck["c0_sol"])
+        meta = {"job": self.id, "config": self.config.to_dict(), "tick": ck["tick"], "stage": ck["stage"],
+                "updates": [st["updates"] for st in ck["shards"]], "epoch": self.epoch,
+                "history": [[h.tick, h.c0_measurements, h.cost.tolist(), h.accuracy.tolist()]
+                            for h in self.history[: ck["history"]]]}
+        for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
+                              (".json", lambda f: f.write(json.dumps(meta).encode()))):
+            with open(path + suffix + ".tmp", "wb") as f:
+                write(f)
+            os.replace(path + suffix + ".tmp", path + suffix)
+
+    @classmethod
+    def load(cls, path: str, device: str | None = None) -> "JobRun":
+        with open(path + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device)
+        with np.load(path + ".npz") as z:
+            shards = [{name: z[f"{k}/{name}"] for name in
+                       ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
+                      | {"updates": meta["updates"][k]} for k in range(len(job.shards))]
+            job.t_sol, job.c0_sol = z["t_sol"].copy(), z["c0_sol"].copy()
+        job.history = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
+        job.epoch = meta["epoch"]
+        job.checkpoint = {"tick": meta["tick"], "shards": shards, "stage": meta["stage"],
+                          "history": len(job.history), "t_sol": job.t_sol, "c0_sol": job.c0_sol,
+                          "trail": hashlib.sha256()}
+        job.trail_valid = False
+        return job

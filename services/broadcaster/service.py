@@ -1,0 +1,319 @@
+"""The cost-broadcaster service: the chip's output stage on the network (DESIGN §2).
+
+Sockets (all bound; endpoints are settings):
+
+* ROUTER ``control``: nodes join, heartbeat and checkpoint; clients submit jobs and receive
+  progress; the broadcaster assigns shards and answers "which C̃ did I miss?" requests.
+* PULL ``weights``: every node's effective weights (and θ⁰ when it changed), per tick.
+* PUB ``cost``: C̃ per tick on the topic ``cost/<job>``, plus job control (pause, stop).
+
+One job runs at a time (one chip). Nodes that miss their heartbeats for
+``heartbeat_timeout_s`` are declared lost: a running job pauses, and once enough nodes are
+available again every shard restarts from the job's last checkpoint (see ``job.JobRun``).
+With ``state_dir`` set, each checkpoint is also written to disk and a restarted broadcaster
+resumes the unfinished job from it as soon as the nodes re-join.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import OrderedDict
+
+import numpy as np
+import zmq
+
+from pmgd_node import protocol as p
+from pmgd_node.config import ConfigError, JobConfig
+from services.engine.engine import summarize
+
+from .job import JobRun
+
+
+@dataclasses.dataclass(frozen=True)
+class BroadcasterSettings:
+    """Env ``PMGD_BROADCASTER_<FIELD>`` (flags override)."""
+
+    control: str = "tcp://127.0.0.1:5555"
+    weights: str = "tcp://127.0.0.1:5556"
+    cost: str = "tcp://127.0.0.1:5557"
+    heartbeat_timeout_s: float = 2.0
+    poll_ms: int = 100
+    state_dir: str = ""  # where checkpoints survive a broadcaster restart ("" = memory only)
+    device: str = ""  # torch device for CNN forward passes ("" = cuda if available)
+
+    @classmethod
+    def from_env(cls, env=os.environ, **overrides) -> "BroadcasterSettings":
+        values: dict = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get("PMGD_BROADCASTER_" + f.name.upper())
+            if raw is None:
+                continue
+            try:
+                values[f.name] = {"float": float, "int": int}.get(f.type, str)(raw)
+            except ValueError:
+                raise SystemExit(f"PMGD_BROADCASTER_{f.name.upper()} must be a {f.type}; got {raw!r}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class NodeInfo:
+    identity: bytes
+    last_seen: float
+    shard: int = -1  # shard of the current job, −1 when idle
+
+
+class Broadcaster:
+    def __init__(self, settings: BroadcasterSettings):
+        self.s = settings
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        for sock, ep in ((self.router, settings.control), (self.pull, settings.weights), (self.pub, settings.cost)):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ep)
+        self.nodes: dict[str, NodeInfo] = {}
+        self.job: JobRun | None = None
+        self.client: bytes | None = None
+        self.state = "idle"  # idle · waiting (for nodes) · running · paused
+        self.pause_reason = ""
+        self.dropped: dict[str, int] = {}
+        self.sent: OrderedDict[int, list[bytes]] = OrderedDict()  # recent C̃ frames, for resend requests
+        self.running = True
+        self.ticks = 0
+        self._saved = 0
+        self._resume_from_disk()
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _count(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def _to(self, identity: bytes, msg: p.Message) -> None:
+        self.router.send_multipart([identity] + p.encode(msg), copy=False)
+
+    def _publish(self, msg: p.Message) -> list[bytes]:
+        frames = [p.cost_topic(msg.job)] + p.encode(msg)
+        self.pub.send_multipart(frames, copy=False)
+        return frames
+
+    def _log(self, text: str) -> None:
+        print(f"pmgd broadcaster: {text}", flush=True)
+
+    def _state_path(self) -> str:
+        return os.path.join(self.s.state_dir, "job") if self.s.state_dir else ""
+
+    def _resume_from_disk(self) -> None:
+        path = self._state_path()
+        if path and os.path.exists(path + ".json"):
+            self.job = JobRun.load(path, device=self.s.device or None)
+            self.state = "waiting"
+            self._log(f"resuming job {self.job.id} from its checkpoint at tick {self.job.checkpoint['tick']}")
+
+    # --- job lifecycle ---------------------------------------------------------------------------
+    def _submit(self, identity: bytes, msg: p.Submit) -> None:
+        if self.job is not None:
+            self._to(identity, p.Progress(msg.job, True, {"error": f"busy with job {self.job.id}"}))
+            return
+        try:
+            config = JobConfig.from_dict(msg.config)
+            job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None)
+        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+            self._to(identity, p.Progress(msg.job, True, {"error": str(err)}))
+            return
+        self.job, self.client, self.state = job, identity, "waiting"
+        self._log(f"job {job.id}: {config.task} on {config.nodes} node(s), waiting for nodes")
+        self._try_start()
+
+    def _try_start(self) -> None:
+        """Assign every shard (from the checkpoint) once enough nodes are alive."""
+        job = self.job
+        holders = {n.shard for n in self.nodes.values() if n.shard >= 0}
+        idle = [n for n in self.nodes.values() if n.shard < 0]
+        missing = [k for k in range(len(job.shards)) if k not in holders]
+        if len(idle) < len(missing):
+            return
+        for k, node in zip(missing, idle):
+            node.shard = k
+        self.sent.clear()
+        by_shard = {n.shard: n for n in self.nodes.values() if n.shard >= 0}
+        for msg in job.assignments():
+            self._to(by_shard[msg.shard].identity, msg)
+        self.state, self.pause_reason = "running", ""
+        self._log(f"job {job.id}: running from tick {job.tick} (epoch {job.epoch})")
+
+    def _finish(self) -> None:
+        job = self.job
+        result = job.result()
+        summary = summarize(result)
+        summary.update(job=job.id, epochs=job.epoch, checkpoints=job.checkpoints_taken,
+                       dropped=dict(self.dropped), theta0=job.static.tolist(),
+                       trail=job.trail.hexdigest() if job.trail_valid else None)
+        self._publish(p.Control(job.id, "stop", job.tick, reason="finished"))
+        for n in self.nodes.values():
+            if n.shard >= 0:
+                self._to(n.identity, p.Control(job.id, "stop", job.tick, reason="finished"))
+                n.shard = -1
+        if self.client is not None:
+            self._to(self.client, p.Progress(job.id, True, summary))
+        path = self._state_path()
+        for suffix in (".json", ".npz"):
+            if path and os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        self._log(f"job {job.id}: finished at tick {job.tick}, {summary['converged']}/{summary['runs']} converged")
+        self.job, self.client, self.state = None, None, "idle"
+
+    def _lose(self, node_id: str, why: str) -> None:
+        info = self.nodes.pop(node_id)
+        self._log(f"node {node_id} lost ({why})")
+        if self.job is not None and info.shard >= 0 and self.state == "running":
+            self.state, self.pause_reason = "paused", f"node {node_id} (shard {info.shard}) lost: {why}"
+            self._publish(p.Control(self.job.id, "pause", self.job.tick, reason=self.pause_reason))
+            self._log(f"job {self.job.id}: paused at tick {self.job.tick}, waiting for a node")
+        if self.job is not None and self.state in ("paused", "waiting"):
+            self._try_start()
+
+    # --- message handlers ------------------------------------------------------------------------
+    def _on_control(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self._count("empty")
+            return
+        identity = frames[0]
+        try:
+            msg = p.decode(frames[1:])
+        except p.ProtocolError as err:
+            self._count(err.reason)
+            return
+        now = time.monotonic()
+        if isinstance(msg, p.Join):
+            old = self.nodes.get(msg.node_id)
+            if old is not None and old.shard >= 0 and self.job is not None:
+                self._lose(msg.node_id, "re-joined")  # it lost its state: treat as a replacement
+            self.nodes[msg.node_id] = NodeInfo(identity, now)
+            self._log(f"node {msg.node_id} joined ({len(self.nodes)} alive)")
+            if self.job is not None and self.state in ("waiting", "paused"):
+                self._try_start()
+        elif isinstance(msg, p.Heartbeat):
+            info = self.nodes.get(msg.node_id)
+            if info is None:
+                self._to(identity, p.Control(msg.job, "stop", reason="unknown node: join first"))
+                return
+            info.last_seen = now
+            if self.job is not None and msg.job == self.job.id and msg.epoch == self.job.epoch:
+                frames_c = self.sent.get(msg.tick)
+                if frames_c is not None:  # it missed this C̃ on PUB/SUB: send it directly
+                    self.router.send_multipart([identity] + frames_c[1:], copy=False)
+            self._to(identity, p.Heartbeat("broadcaster", self.job.id if self.job else "",
+                                           self.job.epoch if self.job else 0, self.job.tick if self.job else 0))
+        elif isinstance(msg, p.Checkpoint):
+            if self.job is not None and msg.job == self.job.id:
+                if self.job.on_checkpoint(msg):
+                    self._save()
+        elif isinstance(msg, p.Submit):
+            self._submit(identity, msg)
+        elif isinstance(msg, p.Control):
+            # From a node: it is leaving. From a client: stop the job.
+            node_id = next((k for k, v in self.nodes.items() if v.identity == identity), None)
+            if node_id is not None:
+                self._lose(node_id, msg.reason or "left")
+            elif msg.command == "stop" and self.job is not None and msg.job == self.job.id:
+                self.job.finished = True
+                self._finish()
+        else:
+            self._count("unexpected")
+
+    def _save(self) -> None:
+        if self._state_path():
+            os.makedirs(self.s.state_dir, exist_ok=True)
+            self.job.save(self._state_path())
+            self._saved += 1
+
+    def _on_weights(self, frames: list[bytes]) -> None:
+        try:
+            msg = p.decode(frames)
+        except p.ProtocolError as err:
+            self._count(err.reason)
+            return
+        if not isinstance(msg, p.Weights):
+            self._count("unexpected")
+            return
+        if self.job is None or msg.job != self.job.id or self.state != "running":
+            return
+        if self.job.on_weights(msg):
+            self._count("shape")
+        while self.job is not None and self.job.ready and self.state == "running":
+            cost, point = self.job.advance()
+            if point is not None and self.client is not None:
+                self._to(self.client, p.Progress(self.job.id, False, {
+                    "tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
+                    "accuracy": point.accuracy.tolist(), "solved": int((self.job.t_sol >= 0).sum())}))
+            if cost is None:
+                self._finish()
+                return
+            self.sent[cost.tick] = self._publish(cost)
+            if len(self.sent) > 64:
+                self.sent.popitem(last=False)
+            self.ticks += 1
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.pull, zmq.POLLIN)
+        self._log(f"control {self.s.control} · weights {self.s.weights} · cost {self.s.cost}")
+        last_check = time.monotonic()
+        while self.running:
+            events = dict(poller.poll(self.s.poll_ms))
+            if self.pull in events:
+                for _ in range(1000):
+                    try:
+                        self._on_weights(self.pull.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            if self.router in events:
+                for _ in range(1000):
+                    try:
+                        self._on_control(self.router.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            now = time.monotonic()
+            if now - last_check > self.s.heartbeat_timeout_s / 4:
+                last_check = now
+                for node_id, info in list(self.nodes.items()):
+                    if now - info.last_seen > self.s.heartbeat_timeout_s:
+                        self._lose(node_id, f"no heartbeat for {self.s.heartbeat_timeout_s:g} s")
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        for sock in (self.router, self.pull, self.pub):
+            sock.close(linger=0)
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pmgd broadcaster", description="run the PMGD cost-broadcaster")
+    for f in dataclasses.fields(BroadcasterSettings):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            type={"float": float, "int": int}.get(f.type, str),
+                            help=f"default: env PMGD_BROADCASTER_{f.name.upper()} or {f.default!r}")
+    args = parser.parse_args(argv)
+    service = Broadcaster(BroadcasterSettings.from_env(**vars(args)))
+
+    def leave(signum, frame):
+        service.running = False
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    return service.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running a PMGD cluster: local launcher and job client."""

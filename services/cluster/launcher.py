@@ -1,0 +1,105 @@
+"""The local launcher: a whole cluster as processes on loopback (``pmgd up``).
+
+It starts the broadcaster and N parameter nodes with exactly the commands the compose file
+runs (``pmgd broadcaster``, ``pmgd node``), on free loopback ports, and stops them all:
+SIGTERM first, SIGKILL after a grace period. Children also get SIGTERM from the kernel if
+the launcher itself dies (PR_SET_PDEATHSIG), so no process outlives it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class LocalCluster:
+    """Broadcaster + ``nodes`` node processes; a context manager that always cleans up."""
+
+    def __init__(self, nodes: int, host: str = "127.0.0.1", state_dir: str = "", heartbeat_timeout_s: float = 2.0,
+                 log_dir: str = "", env: dict | None = None):
+        ports = [free_port() for _ in range(3)]
+        self.endpoints = {name: f"tcp://{host}:{port}" for name, port in zip(("control", "weights", "cost"), ports)}
+        self.num_nodes = nodes
+        self.state_dir = state_dir
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.log_dir = log_dir
+        self.env = dict(os.environ, **(env or {}))
+        self.broadcaster: subprocess.Popen | None = None
+        self.nodes: list[subprocess.Popen] = []
+        self._logs: list = []
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        out = subprocess.DEVNULL
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+            out = open(os.path.join(self.log_dir, name + ".log"), "ab")
+            self._logs.append(out)
+        return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=self.env, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+    def _endpoint_flags(self) -> list[str]:
+        return [f"--{k}={v}" for k, v in self.endpoints.items()]
+
+    def start_broadcaster(self) -> subprocess.Popen:
+        args = ["broadcaster", *self._endpoint_flags(), f"--heartbeat-timeout-s={self.heartbeat_timeout_s}"]
+        if self.state_dir:
+            args.append(f"--state-dir={self.state_dir}")
+        self.broadcaster = self._spawn(args, "broadcaster")
+        return self.broadcaster
+
+    def start_node(self, node_id: str | None = None) -> subprocess.Popen:
+        node_id = node_id or f"node-{len(self.nodes)}"
+        proc = self._spawn(["node", *self._endpoint_flags(), f"--node-id={node_id}",
+                            f"--heartbeat-s={self.heartbeat_timeout_s / 4:g}",
+                            f"--broadcaster-timeout-s={self.heartbeat_timeout_s * 1.5:g}"], node_id)
+        self.nodes.append(proc)
+        return proc
+
+    def start(self) -> "LocalCluster":
+        self.start_broadcaster()
+        for _ in range(self.num_nodes):
+            self.start_node()
+        return self
+
+    def processes(self) -> list[subprocess.Popen]:
+        return [p for p in [self.broadcaster, *self.nodes] if p is not None]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        procs = [p for p in self.processes() if p.poll() is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._logs:
+            f.close()
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
