@@ -202,7 +202,8 @@ class NodeProcess:
                     last_heard = now
                     self.handle(self._decode(frames[1:]) if len(frames) > 1 else self._decode([]))
             if now - last_beat >= self.s.heartbeat_s:
-                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick))
+                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
+                                               sum(self.dropped.values())))
                 last_beat = now
             if self.node is not None and not self.paused and now - self._sent_at > self.s.resend_s:
                 # No C̃ for our tick yet: ask for it (the heartbeat carries our tick) and resend

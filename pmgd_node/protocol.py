@@ -22,6 +22,7 @@ Weights         node → broadcaster (PUSH/PULL)    θ⁰ + θ̃[tick] of a shar
 CostVariation   broadcaster → nodes (PUB/SUB)     C̃ per run, its tick and sequence, per-node tags
 Submit          client → broadcaster (ROUTER)     a job config to run
 Progress        broadcaster → client (ROUTER)     an evaluation point, or the final result
+Status          client ↔ broadcaster (ROUTER)     ask (empty data) / answer: state, nodes, drops
 ==============  ===============================  ==========================================
 """
 
@@ -104,6 +105,7 @@ class Heartbeat(Message):
     job: str = ""
     epoch: int = 0
     tick: int = 0
+    dropped: int = 0  # frames the sender has dropped as malformed so far
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,14 @@ class Progress(Message):
     data: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Status(Message):
+    TYPE: ClassVar[str] = "status"
+    data: dict = field(default_factory=dict)
+
+
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress)
+    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress, Status)
 }
 _FIELD_TYPES = {int: int, str: str, dict: dict, bool: bool}
 

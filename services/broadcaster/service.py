@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -67,6 +68,7 @@ class NodeInfo:
     identity: bytes
     last_seen: float
     shard: int = -1  # shard of the current job, −1 when idle
+    dropped: int = 0  # malformed frames the node reports having dropped
 
 
 class Broadcaster:
@@ -90,6 +92,7 @@ class Broadcaster:
         self.running = True
         self.ticks = 0
         self._saved = 0
+        self.results: dict[str, dict] = {}  # summaries of finished jobs, by id
         self._resume_from_disk()
 
     # --- helpers -------------------------------------------------------------------------------
@@ -112,13 +115,36 @@ class Broadcaster:
 
     def _resume_from_disk(self) -> None:
         path = self._state_path()
+        if path and os.path.isdir(self.s.state_dir):
+            for name in os.listdir(self.s.state_dir):
+                if name.startswith("result-") and name.endswith(".json"):
+                    with open(os.path.join(self.s.state_dir, name), encoding="utf-8") as f:
+                        self.results[name[len("result-"):-len(".json")]] = json.load(f)
         if path and os.path.exists(path + ".json"):
             self.job = JobRun.load(path, device=self.s.device or None)
             self.state = "waiting"
             self._log(f"resuming job {self.job.id} from its checkpoint at tick {self.job.checkpoint['tick']}")
 
     # --- job lifecycle ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.monotonic()
+        job = self.job
+        return {"state": self.state, "pause_reason": self.pause_reason, "dropped": dict(self.dropped),
+                "nodes": {k: {"shard": n.shard, "last_seen_s": now - n.last_seen, "dropped": n.dropped}
+                          for k, n in self.nodes.items()},
+                "job": None if job is None else {"id": job.id, "tick": job.tick, "epoch": job.epoch,
+                                                 "checkpoint_tick": job.checkpoint["tick"]},
+                "finished": sorted(self.results)}
+
     def _submit(self, identity: bytes, msg: p.Submit) -> None:
+        # Submitting is idempotent by job id: a client that lost its broadcaster (restart)
+        # submits again and is attached to the resumed job, or handed its stored result.
+        if msg.job in self.results:
+            self._to(identity, p.Progress(msg.job, True, self.results[msg.job]))
+            return
+        if self.job is not None and msg.job == self.job.id:
+            self.client = identity
+            return
         if self.job is not None:
             self._to(identity, p.Progress(msg.job, True, {"error": f"busy with job {self.job.id}"}))
             return
@@ -161,12 +187,16 @@ class Broadcaster:
             if n.shard >= 0:
                 self._to(n.identity, p.Control(job.id, "stop", job.tick, reason="finished"))
                 n.shard = -1
+        self.results[job.id] = summary
         if self.client is not None:
             self._to(self.client, p.Progress(job.id, True, summary))
         path = self._state_path()
-        for suffix in (".json", ".npz"):
-            if path and os.path.exists(path + suffix):
-                os.remove(path + suffix)
+        if path:
+            with open(os.path.join(self.s.state_dir, f"result-{job.id}.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f)
+            for suffix in (".json", ".npz"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
         self._log(f"job {job.id}: finished at tick {job.tick}, {summary['converged']}/{summary['runs']} converged")
         self.job, self.client, self.state = None, None, "idle"
 
@@ -206,6 +236,7 @@ class Broadcaster:
                 self._to(identity, p.Control(msg.job, "stop", reason="unknown node: join first"))
                 return
             info.last_seen = now
+            info.dropped = msg.dropped
             if self.job is not None and msg.job == self.job.id and msg.epoch == self.job.epoch:
                 frames_c = self.sent.get(msg.tick)
                 if frames_c is not None:  # it missed this C̃ on PUB/SUB: send it directly
@@ -218,6 +249,8 @@ class Broadcaster:
                     self._save()
         elif isinstance(msg, p.Submit):
             self._submit(identity, msg)
+        elif isinstance(msg, p.Status):
+            self._to(identity, p.Status(self.status()))
         elif isinstance(msg, p.Control):
             # From a node: it is leaving. From a client: stop the job.
             node_id = next((k for k, v in self.nodes.items() if v.identity == identity), None)

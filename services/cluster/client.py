@@ -17,7 +17,7 @@ class JobFailed(RuntimeError):
 
 
 def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None] | None = None,
-            timeout_s: float = 3600.0, job_id: str = "") -> dict:
+            timeout_s: float = 3600.0, job_id: str = "", resubmit_s: float = 5.0) -> dict:
     """Submit ``config`` to the broadcaster at ``control`` and block until its final result.
 
     Returns the result summary (the same fields as the in-process engine's, plus the final
@@ -29,11 +29,19 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
     sock.connect(control)
     job_id = job_id or uuid.uuid4().hex[:12]
     try:
-        sock.send_multipart(p.encode(p.Submit(job_id, config.to_dict())))
+        submit = p.encode(p.Submit(job_id, config.to_dict()))
+        sock.send_multipart(submit)
         deadline = time.monotonic() + timeout_s
+        heard = time.monotonic()
         while time.monotonic() < deadline:
             if not sock.poll(500):
+                if time.monotonic() - heard > resubmit_s:
+                    # Silence: the broadcaster may have restarted. Submitting is idempotent by
+                    # job id, so this re-attaches us to the resumed job (or fetches its result).
+                    sock.send_multipart(submit)
+                    heard = time.monotonic()
                 continue
+            heard = time.monotonic()
             try:
                 msg = p.decode(sock.recv_multipart())
             except p.ProtocolError:
@@ -47,5 +55,22 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
             if on_progress is not None:
                 on_progress(msg.data)
         raise TimeoutError(f"job {job_id} did not finish within {timeout_s:g} s")
+    finally:
+        sock.close(linger=0)
+
+
+def status(control: str, timeout_s: float = 5.0) -> dict:
+    """The broadcaster's state: job, nodes (shard, heartbeat age, drops), its own drop counts."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(control)
+    try:
+        sock.send_multipart(p.encode(p.Status({})))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise TimeoutError(f"no status from {control} within {timeout_s:g} s")
+        msg = p.decode(sock.recv_multipart())
+        if not isinstance(msg, p.Status):
+            raise RuntimeError(f"expected a status reply, got {msg.TYPE}")
+        return msg.data
     finally:
         sock.close(linger=0)
