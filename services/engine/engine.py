@@ -8,6 +8,11 @@ transport. One perturbed tick t is:
     θ ← gather θ⁰ + θ̃[t] from the nodes;  C̃ ← extract(C(θ))   (a perturbed tick)
     publish (C̃, t) to the nodes, which integrate and update on their own schedule
 
+With ``timing = "async"`` the transport is ``AsyncTransport``: each node ticks on its own
+(drifting) clock, "gather" reads the newest shard of each node that has reached the
+broadcaster and C̃ reaches each node tagged with that shard's tick; the engine's loop is the
+same. Evaluation always reads the θ⁰ the nodes hold (``node_static``), not the broadcaster's.
+
 Every ``eval_every`` ticks θ⁰ is scored on the evaluation set (the whole task for parity,
 the held-out split for the CNNs) and the stopping rule is checked per run. All S runs of a
 multi-seed job advance together, vectorised along the leading axis of every array.
@@ -28,6 +33,7 @@ from services.broadcaster.output_stage import OutputStage
 from services.evaluator.data import Dataset, load
 from services.evaluator.models import Model, build_model
 
+from .async_transport import AsyncTransport
 from .transport import InMemoryTransport
 
 _INIT_STREAM = 0x494E4954  # "INIT"
@@ -85,14 +91,16 @@ class Engine:
             raise ConfigError("nodes", f"must be in [1, {P}] for a {P}-parameter network; got {config.nodes}")
         theta0 = initial_parameters(self.model, config)
         self.nodes = [ParameterNode(config, P, a, b, theta0[:, a:b]) for a, b in shard_ranges(P, config.nodes)]
-        self.transport = InMemoryTransport(self.nodes, config)
+        transport = AsyncTransport if config.timing == "async" else InMemoryTransport
+        self.transport = transport(self.nodes, config)
         self.stage = OutputStage(config, self.model, train)
         self._eval_batch = self.model.prepare(evalset.x, evalset.y)
         self.tick = 0
 
     @property
     def theta0(self) -> np.ndarray:
-        return self.transport.gather_static()
+        """θ⁰ the nodes hold now (evaluation, diagnostics); async, the broadcaster may hold older shards."""
+        return self.transport.node_static()
 
     def step(self) -> np.ndarray:
         """Execute one perturbed tick (and the C₀ measurement it needs); returns C̃, (S,)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pmgd_node.link import Receiver, node_links
+from pmgd_node.link import FateTable, Receiver, node_links
 from pmgd_node.node import ParameterNode
 
 
@@ -18,7 +18,8 @@ class InMemoryTransport:
 
     def __init__(self, nodes: list[ParameterNode], config=None):
         self.nodes = sorted(nodes, key=lambda n: n.start)
-        links = [node_links(config, i)[0] for i in range(len(self.nodes))] if config is not None else []
+        # Fates drawn a block of ticks at a time: the same numbers, a fraction of the hashing.
+        links = [FateTable(node_links(config, i)[0]) for i in range(len(self.nodes))] if config is not None else []
         self.receivers = [Receiver(n, link) for n, link in zip(self.nodes, links)]
         self._ideal = all(link.ideal for link in links)
 
@@ -32,6 +33,9 @@ class InMemoryTransport:
     def gather_static(self) -> np.ndarray:
         """θ⁰ from every node, (S, P) (for C₀ measurements and evaluation)."""
         return self._gather([n.theta0 for n in self.nodes])
+
+    # Lock-step: the broadcaster's θ⁰ is the nodes' θ⁰ (AsyncTransport tells them apart).
+    node_static = gather_static
 
     def gather_gradient(self) -> np.ndarray:
         """G from every node, (S, P) (diagnostics only: hardware never collects it)."""
