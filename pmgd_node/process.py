@@ -71,6 +71,16 @@ def _pending_arrays(rx: Receiver, runs: int) -> dict[str, np.ndarray]:
     }
 
 
+def _check_assign(a: p.Assign, shape: tuple[int, ...]) -> None:
+    """Refuse an assignment whose arrays do not fit the shard (they would fail later, mid-tick)."""
+    if a.gradient.shape != shape:
+        raise ValueError(f"gradient has shape {a.gradient.shape}, expected {shape}")
+    n = len(a.pending_arrival)
+    if a.pending_arrival.shape != (n,) or a.pending_tag.shape != (n,) or a.pending_value.shape != (n, shape[0]):
+        raise ValueError(f"pending C̃ arrays of shapes {a.pending_arrival.shape}, {a.pending_tag.shape}, "
+                         f"{a.pending_value.shape} do not match {shape[0]} runs")
+
+
 class NodeProcess:
     def __init__(self, settings: NodeSettings):
         self.s = settings
@@ -84,6 +94,7 @@ class NodeProcess:
             sock.connect(ep)
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
         self.dropped: dict[str, int] = {}
+        self.unsent = 0  # messages that found no connected broadcaster
         self.running = True
         self._reset_job()
 
@@ -99,14 +110,22 @@ class NodeProcess:
         self._static_sent = False
 
     # --- sending -------------------------------------------------------------------------
+    def _send(self, sock: zmq.Socket, msg: p.Message) -> None:
+        # Never block: with the broadcaster gone a PUSH/DEALER send would wait for it forever.
+        # A lost message is recovered by the resend and re-join logic below.
+        try:
+            sock.send_multipart(p.encode(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.unsent += 1
+
     def _send_control(self, msg: p.Message) -> None:
-        self.control.send_multipart(p.encode(msg), copy=False)
+        self._send(self.control, msg)
 
     def _send_weights(self) -> None:
         node = self.node
         static = None if self._static_sent else node.theta0
-        self.weights.send_multipart(p.encode(p.Weights(self.job, self.epoch, self.shard, self.tick,
-                                                       node.effective_weights(self.tick), static)), copy=False)
+        self._send(self.weights, p.Weights(self.job, self.epoch, self.shard, self.tick,
+                                           node.effective_weights(self.tick), static))
         self._static_sent = True
         self._sent_at = time.monotonic()
 
@@ -127,11 +146,13 @@ class NodeProcess:
         try:
             config = JobConfig.from_dict(a.config)
             node = ParameterNode(config, a.num_params, a.start, a.stop, np.array(a.theta0, dtype=np.float64))
-        except ValueError as err:
+            _check_assign(a, node.theta0.shape)
+            node.restore(a.theta0, a.gradient, a.updates)
+        except Exception as err:  # off the wire: never fatal. Besides ValueError, JobConfig raises
+            # TypeError/AttributeError for some wrong types (fm_band: 1, task: None).
             self.dropped["assign"] = self.dropped.get("assign", 0) + 1
-            print(f"pmgd node {self.s.node_id}: rejected assignment: {err}", file=sys.stderr, flush=True)
+            print(f"pmgd node {self.s.node_id}: rejected assignment: {err!r}", file=sys.stderr, flush=True)
             return
-        node.restore(a.theta0, a.gradient, a.updates)
         self._reset_job()
         self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
         self.node = node
@@ -156,6 +177,10 @@ class NodeProcess:
             self._send_weights()
 
     def _on_control(self, c: p.Control) -> None:
+        if c.command == "rejoin":  # a restarted broadcaster re-assigns us from its checkpoint
+            self._reset_job()
+            self._send_control(p.Join(self.s.node_id, os.getpid()))
+            return
         if c.job != self.job:
             return
         if c.command == "stop":
@@ -165,6 +190,19 @@ class NodeProcess:
         elif c.command in ("resume", "start") and self.paused:
             self.paused = False
             self._send_weights()
+
+    # What a broadcaster sends a node directly (control) and what it publishes (cost): any
+    # other valid message on that socket is dropped and counted as 'unexpected' (an Assign
+    # never comes by PUB).
+    CONTROL_KINDS = (p.Assign, p.Control, p.CostVariation, p.Heartbeat)
+    COST_KINDS = (p.CostVariation, p.Control)
+
+    def _receive(self, frames: list[bytes], kinds: tuple[type, ...]) -> None:
+        msg = self._decode(frames)
+        if msg is not None and not isinstance(msg, kinds):
+            self.dropped["unexpected"] = self.dropped.get("unexpected", 0) + 1
+            return
+        self.handle(msg)
 
     def handle(self, msg: p.Message | None) -> None:
         if isinstance(msg, p.Assign):
@@ -192,7 +230,7 @@ class NodeProcess:
                     except zmq.Again:
                         break
                     last_heard = now
-                    self.handle(self._decode(frames))
+                    self._receive(frames, self.CONTROL_KINDS)
             if self.cost in events:
                 for _ in range(100):
                     try:
@@ -200,7 +238,7 @@ class NodeProcess:
                     except zmq.Again:
                         break
                     last_heard = now
-                    self.handle(self._decode(frames[1:]) if len(frames) > 1 else self._decode([]))
+                    self._receive(frames[1:], self.COST_KINDS)  # after the topic; none left: 'empty'
             if now - last_beat >= self.s.heartbeat_s:
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
@@ -208,9 +246,12 @@ class NodeProcess:
             if self.node is not None and not self.paused and now - self._sent_at > self.s.resend_s:
                 # No C̃ for our tick yet: ask for it (the heartbeat carries our tick) and resend
                 # the weights in case they were the ones lost.
-                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick))
+                self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
+                                               sum(self.dropped.values())))
                 self._send_weights()
             if now - last_heard > self.s.broadcaster_timeout_s:
+                print(f"pmgd node {self.s.node_id}: broadcaster silent for {now - last_heard:.1f} s; joining again",
+                      flush=True)
                 self._reset_job()  # the broadcaster restarts jobs from its checkpoints
                 self._send_control(p.Join(self.s.node_id, os.getpid()))
                 last_heard = now

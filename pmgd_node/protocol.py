@@ -15,7 +15,7 @@ Messages (``→`` direction, socket):
 ==============  ===============================  ==========================================
 Join            node → broadcaster (ROUTER)       a node offers itself (again after a restart)
 Assign          broadcaster → node (ROUTER)       shard, job config, θ⁰/G/in-flight C̃ to start from
-Control         broadcaster → node / client       start, pause, resume, stop (with the tick)
+Control         broadcaster → node / client       start, pause, resume, stop, rejoin (with the tick)
 Heartbeat       node ↔ broadcaster (ROUTER)       liveness; carries the sender's tick
 Checkpoint      node → broadcaster (ROUTER)       the shard's full state at a tick boundary
 Weights         node → broadcaster (PUSH/PULL)    θ⁰ + θ̃[tick] of a shard, θ⁰ when it changed
@@ -29,6 +29,7 @@ Status          client ↔ broadcaster (ROUTER)     ask (empty data) / answer: s
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,7 +92,8 @@ class Assign(Message):
 @dataclass(frozen=True)
 class Control(Message):
     TYPE: ClassVar[str] = "control"
-    COMMANDS: ClassVar[tuple[str, ...]] = ("start", "pause", "resume", "stop")
+    # rejoin: the broadcaster does not know the sender (it restarted): join again.
+    COMMANDS: ClassVar[tuple[str, ...]] = ("start", "pause", "resume", "stop", "rejoin")
     job: str
     command: str
     tick: int = 0
@@ -249,7 +251,7 @@ def decode(frames: list[bytes]) -> Message:
         if frame >= len(frames):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name} frame missing")
         dtype = np.dtype(spec[0])
-        count = int(np.prod(spec[1], dtype=np.int64)) if spec[1] else 1
+        count = math.prod(spec[1])  # exact: an int64 product can wrap around (65536⁴ → 0)
         if count * dtype.itemsize != len(frames[frame]):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name}: {len(frames[frame])} bytes for shape {spec[1]}")
         kwargs[name] = np.frombuffer(frames[frame], dtype=dtype).reshape(spec[1])

@@ -72,6 +72,7 @@ class JobRun:
         self.checkpoint = self._boundary(0, [self._shard_state(k, theta0, np.zeros_like(theta0), 0)
                                              for k in range(len(self.shards))])
         self.started = time.perf_counter()
+        self.run_started: float | None = None  # first assignment: the ticks start (throughput)
         self.finished = False
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -114,6 +115,8 @@ class JobRun:
     def assignments(self) -> list[p.Assign]:
         """Restart every shard from the checkpoint under a new epoch (also the first start)."""
         ck = self.checkpoint
+        if self.run_started is None:
+            self.run_started = time.perf_counter()
         self.epoch += 1
         self.tick = ck["tick"]
         self.have.clear()

@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 from pmgd_node import protocol as p
-from pmgd_node.config import ConfigError, JobConfig
+from pmgd_node.config import JobConfig
 from services.engine.engine import summarize
 
 from .job import JobRun
@@ -151,8 +151,10 @@ class Broadcaster:
         try:
             config = JobConfig.from_dict(msg.config)
             job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None)
-        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-            self._to(identity, p.Progress(msg.job, True, {"error": str(err)}))
+        except Exception as err:  # a config off the wire must never stop the service: besides
+            # ConfigError, JobConfig raises TypeError/AttributeError for some wrong types
+            # (fm_band: 1, task: None), and JobRun whatever its setup raises.
+            self._to(identity, p.Progress(msg.job, True, {"error": str(err) or type(err).__name__}))
             return
         self.job, self.client, self.state = job, identity, "waiting"
         self._log(f"job {job.id}: {config.task} on {config.nodes} node(s), waiting for nodes")
@@ -179,7 +181,10 @@ class Broadcaster:
         job = self.job
         result = job.result()
         summary = summarize(result)
-        summary.update(job=job.id, epochs=job.epoch, checkpoints=job.checkpoints_taken,
+        # wall_time_s counts from the submit (model, data, waiting for nodes); run_wall_time_s
+        # from the first assignment, i.e. the ticks themselves (benchmarks/cluster_throughput.py).
+        run_wall = None if job.run_started is None else time.perf_counter() - job.run_started
+        summary.update(job=job.id, epochs=job.epoch, checkpoints=job.checkpoints_taken, run_wall_time_s=run_wall,
                        dropped=dict(self.dropped), theta0=job.static.tolist(),
                        trail=job.trail.hexdigest() if job.trail_valid else None)
         self._publish(p.Control(job.id, "stop", job.tick, reason="finished"))
@@ -233,7 +238,7 @@ class Broadcaster:
         elif isinstance(msg, p.Heartbeat):
             info = self.nodes.get(msg.node_id)
             if info is None:
-                self._to(identity, p.Control(msg.job, "stop", reason="unknown node: join first"))
+                self._to(identity, p.Control(msg.job, "rejoin", reason="unknown node: join first"))
                 return
             info.last_seen = now
             info.dropped = msg.dropped

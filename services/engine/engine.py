@@ -48,6 +48,16 @@ def initial_parameters(model: Model, config: JobConfig) -> np.ndarray:
     return np.stack(rows).astype(model.dtype, copy=False)
 
 
+def meets_target(config: JobConfig, point: "EvalPoint") -> np.ndarray:
+    """Per run: does this evaluation meet the job's stopping rule (accuracy and/or cost)?"""
+    ok = np.ones(len(point.cost), dtype=bool)
+    if config.target_accuracy is not None:
+        ok &= point.accuracy >= config.target_accuracy - 1e-12
+    if config.target_cost is not None:
+        ok &= point.cost <= config.target_cost
+    return ok
+
+
 @dataclass
 class EvalPoint:
     tick: int
@@ -119,12 +129,7 @@ class Engine:
         return EvalPoint(self.tick, self.stage.c0_measurements, cost, accuracy)
 
     def _solved(self, point: EvalPoint) -> np.ndarray:
-        ok = np.ones(len(point.cost), dtype=bool)
-        if self.config.target_accuracy is not None:
-            ok &= point.accuracy >= self.config.target_accuracy - 1e-12
-        if self.config.target_cost is not None:
-            ok &= point.cost <= self.config.target_cost
-        return ok
+        return meets_target(self.config, point)
 
     def run(self, on_eval: Callable[[EvalPoint, np.ndarray], None] | None = None) -> EngineResult:
         """Train until every run meets the stopping rule or ``max_ticks`` ticks have run.

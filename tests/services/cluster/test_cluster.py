@@ -1,0 +1,181 @@
+"""The real cluster (broadcaster and node processes over ZeroMQ) against the in-process engine."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pmgd_node.config import JobConfig
+from services.cluster.client import run_job, status
+from services.cluster.launcher import LocalCluster
+from services.engine.engine import Engine
+
+
+def engine_reference(config: JobConfig):
+    """The engine's result, final θ⁰ and the chained hash of θ⁰ at the start of every tick."""
+    engine = Engine(config)
+    trail = hashlib.sha256()
+    step = engine.step
+
+    def hashed_step():
+        trail.update(engine.theta0.tobytes())
+        return step()
+
+    engine.step = hashed_step
+    result = engine.run()
+    return result, engine.theta0, trail.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(4, heartbeat_timeout_s=2.0) as c:
+        yield c
+
+
+def _assert_identical(summary, config):
+    result, theta0, trail = engine_reference(config)
+    assert summary["ticks_run"] == result.ticks
+    assert summary["converged"] == int(result.solved.sum())
+    np.testing.assert_array_equal(np.array(summary["theta0"]), theta0)  # bit for bit
+    assert summary["trail"] == trail  # θ⁰ equal at the start of every tick, not only at the end
+
+
+@pytest.mark.parametrize("perturbation", ["rcm", "cm"])
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_sync_cluster_is_bit_identical_to_the_engine(cluster, perturbation, nodes):
+    config = JobConfig(perturbation=perturbation, nodes=nodes, seeds=3, max_ticks=300, tau_theta=2, seed=5)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _assert_identical(summary, config)
+    assert summary["ticks_run"] == 300  # 300 ticks of three runs: not everything solved early
+
+
+def test_link_models_apply_identically_on_the_cluster(cluster):
+    config = JobConfig(nodes=3, seeds=2, max_ticks=300, delay=2, jitter=3, drop=0.1,
+                       node_links={"1": {"delay": 5, "drop": 0.3}}, correlation="tagged", seed=11)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _assert_identical(summary, config)
+
+
+def test_bad_job_is_refused_with_the_field_named(cluster):
+    from services.cluster.client import JobFailed
+
+    bad = JobConfig(nodes=2).to_dict() | {"eta": -1}
+    with pytest.raises(JobFailed, match="eta"):
+        run_job(type("C", (), {"to_dict": lambda self: bad})(), cluster.endpoints["control"], timeout_s=30)
+    assert status(cluster.endpoints["control"])["state"] == "idle"
+
+
+def test_pmgd_train_engine_cluster_trains_parity2(tmp_path):
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "train", "--engine", "cluster", "--nodes", "2",
+                           "--task", "parity2", "--perturbation", "rcm", "--quiet", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(out.read_text())
+    assert summary["engine"] == "cluster" and summary["converged"] == 1
+    assert summary["final_accuracy_median"] == 1.0
+
+
+def _run_in_thread(config, control, progress):
+    box = {}
+
+    def target():
+        try:
+            box["summary"] = run_job(config, control, lambda d: progress.append(d["tick"]), timeout_s=240)
+        except Exception as err:  # surfaced by the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_kill_9_a_node_and_a_replacement_completes_the_job_exactly():
+    """kill −9 one node mid-job; a replacement joins; every shard restarts from the checkpoint
+    and the job ends on exactly the engine's θ⁰ (no zeros, no restart from θ⁰ at tick 0)."""
+    config = JobConfig(nodes=2, seeds=2, max_ticks=3000, target_accuracy=None, checkpoint_every=200,
+                       eval_every=50, seed=3)
+    with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
+        progress = []
+        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress)
+        _wait_for(lambda: progress and progress[-1] >= 700, 120, "the job to pass tick 700")
+        cluster.nodes[1].send_signal(signal.SIGKILL)
+        _wait_for(lambda: status(cluster.endpoints["control"])["state"] == "paused", 30, "the job to pause")
+        cluster.start_node("replacement")
+        thread.join(240)
+        assert "error" not in box, box.get("error")
+        summary = box["summary"]
+    assert summary["epochs"] >= 2 and summary["checkpoints"] >= 3
+    _assert_identical(summary, config)
+
+
+@pytest.mark.slow
+def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
+    config = JobConfig(nodes=2, seeds=2, max_ticks=3000, target_accuracy=None, checkpoint_every=200,
+                       eval_every=50, seed=4)
+    with LocalCluster(2, heartbeat_timeout_s=2.0, state_dir=str(tmp_path)) as cluster:
+        progress = []
+        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress)
+
+        def checkpointed():
+            job = status(cluster.endpoints["control"])["job"]
+            return job is not None and job["checkpoint_tick"] >= 400 and (tmp_path / "job.json").exists()
+
+        _wait_for(checkpointed, 120, "a checkpoint on disk at tick 400 or later")
+        cluster.broadcaster.send_signal(signal.SIGKILL)
+        cluster.broadcaster.wait()
+        cluster.start_broadcaster()
+        thread.join(240)
+        assert "error" not in box, box.get("error")
+        summary = box["summary"]
+    result, theta0, _ = engine_reference(config)
+    np.testing.assert_array_equal(np.array(summary["theta0"]), theta0)
+    assert summary["ticks_run"] == result.ticks and summary["epochs"] >= 2
+    assert (tmp_path / f"result-{summary['job']}.json").exists()
+
+
+def test_nodes_leave_cleanly_on_sigterm():
+    with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
+        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 2, 30, "two nodes to join")
+        cluster.nodes[0].send_signal(signal.SIGTERM)
+        assert cluster.nodes[0].wait(10) == 0
+        # It said goodbye: the broadcaster drops it at once, not after a heartbeat timeout.
+        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 0.9, "the node to be dropped")
+
+
+def test_pmgd_up_prints_endpoints_and_stops_everything_on_ctrl_c():
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--nodes", "2"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(5)]
+        control = lines[0].split()[1]
+        pids = [int(x) for x in lines[3].split("pids")[1].replace(",", " ").split()]
+        pids.append(int(lines[3].split()[2].rstrip(";")))
+        _wait_for(lambda: len(status(control)["nodes"]) == 2, 30, "two nodes to join")
+        summary = run_job(JobConfig(nodes=2, max_ticks=100), control, timeout_s=60)
+        assert summary["ticks_run"] <= 100
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        for pid in pids:  # no orphans
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
