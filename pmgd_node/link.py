@@ -58,22 +58,29 @@ def node_links(config, node: int) -> tuple[Link, Link]:
 
 
 class DelayLine:
-    """Messages in flight, released in order of arrival tick (ties by the tick they carry)."""
+    """Messages in flight, released in order of arrival tick, ties by the tick they carry,
+    then in the order they were sent (async: one shard's tick can tag two C̃ values)."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, object]] = []
+        self._heap: list[tuple[int, int, int, object]] = []
+        self._sent = 0
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def push(self, arrival: int, tag: int, payload: object) -> None:
-        heapq.heappush(self._heap, (arrival, tag, payload))
+        heapq.heappush(self._heap, (arrival, tag, self._sent, payload))
+        self._sent += 1
 
     def due(self, now: int):
         """Yield (tag, payload) of every message arriving at or before ``now``."""
         while self._heap and self._heap[0][0] <= now:
-            _, tag, payload = heapq.heappop(self._heap)
+            _, tag, _, payload = heapq.heappop(self._heap)
             yield tag, payload
+
+    def pending(self) -> list[tuple[int, int, object]]:
+        """(arrival, tag, payload) of every message in flight, in release order."""
+        return [(a, t, v) for a, t, _, v in sorted(self._heap, key=lambda e: e[:3])]
 
 
 class Receiver:

@@ -27,7 +27,7 @@ import zmq
 
 from . import protocol as p
 from .config import JobConfig
-from .link import Receiver, node_links
+from .link import Clock, DelayLine, FateTable, Receiver, node_links
 from .node import ParameterNode
 
 
@@ -63,7 +63,7 @@ class NodeSettings:
 
 
 def _pending_arrays(rx: Receiver, runs: int) -> dict[str, np.ndarray]:
-    items = sorted(rx.line._heap, key=lambda e: (e[0], e[1]))
+    items = rx.line.pending()
     return {
         "pending_arrival": np.array([a for a, _, _ in items], dtype=np.int64),
         "pending_tag": np.array([t for _, t, _ in items], dtype=np.int64),
@@ -108,6 +108,9 @@ class NodeProcess:
         self.shard = -1
         self.paused = False
         self._static_sent = False
+        self.clock: Clock | None = None  # async: this node's own tick clock
+        self.uplink = None
+        self._up_line = DelayLine()  # async: weights waiting out their uplink delay
 
     # --- sending -------------------------------------------------------------------------
     def _send(self, sock: zmq.Socket, msg: p.Message) -> None:
@@ -123,11 +126,36 @@ class NodeProcess:
 
     def _send_weights(self) -> None:
         node = self.node
-        static = None if self._static_sent else node.theta0
-        self._send(self.weights, p.Weights(self.job, self.epoch, self.shard, self.tick,
-                                           node.effective_weights(self.tick), static))
+        # Async: always send θ⁰, because the uplink may drop the message that carried a change.
+        static = None if self._static_sent and self.clock is None else node.theta0
+        msg = p.Weights(self.job, self.epoch, self.shard, self.tick, node.effective_weights(self.tick), static)
         self._static_sent = True
         self._sent_at = time.monotonic()
+        if self.clock is None:
+            self._send(self.weights, msg)
+            return
+        delay = self.uplink.fate(self.tick)
+        if delay is not None:
+            self._up_line.push(self.tick + delay, self.tick, msg)
+
+    def _clock_due(self) -> float:
+        """Async: seconds until our next local tick starts."""
+        start = self._t0 + self.clock.start(self.tick + 1) * self.config.tick_period
+        return start - time.monotonic()
+
+    def _advance_clock(self) -> None:
+        """Async: if our tick has ended, close it and send the weights of the next one.
+
+        One tick per pass of the loop, so heartbeats and C̃ are still served when the
+        process cannot keep up with τ_p (it then runs late rather than going deaf).
+        """
+        if self._clock_due() <= 0:
+            if self.rx.close_tick(self.tick):
+                self._static_sent = False
+            self.tick += 1
+            self._send_weights()
+            for _, msg in self._up_line.due(self.tick):
+                self._send(self.weights, msg)
 
     def _checkpoint(self) -> None:
         node = self.node
@@ -156,14 +184,32 @@ class NodeProcess:
         self._reset_job()
         self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
         self.node = node
-        self.rx = Receiver(node, node_links(config, a.shard)[0])
+        down, up = node_links(config, a.shard)
+        self.rx = Receiver(node, FateTable(down))
         for arrival, tag, value in zip(a.pending_arrival, a.pending_tag, a.pending_value):
             self.rx.line.push(int(arrival), int(tag), np.array(value))
+        if config.timing == "async":
+            self.clock = Clock(config.seed, a.shard, config.link(a.shard)["drift"])
+            self.uplink = FateTable(up)
+            self._t0 = time.monotonic() - self.clock.start(self.tick) * config.tick_period
+            self._send_weights()
+            for _, msg in self._up_line.due(self.tick):
+                self._send(self.weights, msg)
+            return
         self._send_weights()
 
     def _on_cost(self, c: p.CostVariation) -> None:
-        if c.job != self.job or c.epoch != self.epoch or self.node is None or c.tick != self.tick:
-            return  # another job, a rolled-back epoch, or a duplicate of a tick already closed
+        if c.job != self.job or c.epoch != self.epoch or self.node is None:
+            return  # another job or a rolled-back epoch
+        if self.clock is not None:  # async: correlate with the tick of the shard that was used
+            if c.tags is None or c.tags.shape != (len(c.tags),) or not 0 <= self.shard < len(c.tags) \
+                    or c.c_tilde.shape != (self.config.seeds,):
+                self.dropped["shape"] = self.dropped.get("shape", 0) + 1
+                return
+            self.rx.offer(c.c_tilde, int(c.tags[self.shard]), self.tick, seq=c.seq)
+            return
+        if c.tick != self.tick:
+            return  # a duplicate of a tick already closed
         if c.c_tilde.shape != (self.config.seeds,):
             self.dropped["shape"] = self.dropped.get("shape", 0) + 1
             return
@@ -221,7 +267,10 @@ class NodeProcess:
         last_heard = last_beat = time.monotonic()
         self._sent_at = last_heard
         while self.running:
-            events = dict(poller.poll(int(self.s.heartbeat_s * 500)))
+            timeout = self.s.heartbeat_s / 2
+            if self.clock is not None and not self.paused:
+                timeout = max(0.0, min(timeout, self._clock_due()))
+            events = dict(poller.poll(int(timeout * 1000)))
             now = time.monotonic()
             if self.control in events:
                 for _ in range(100):
@@ -243,7 +292,9 @@ class NodeProcess:
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
                 last_beat = now
-            if self.node is not None and not self.paused and now - self._sent_at > self.s.resend_s:
+            if self.clock is not None and not self.paused:
+                self._advance_clock()
+            elif self.node is not None and not self.paused and now - self._sent_at > self.s.resend_s:
                 # No C̃ for our tick yet: ask for it (the heartbeat carries our tick) and resend
                 # the weights in case they were the ones lost.
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,

@@ -39,8 +39,10 @@ _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, n
 
 class JobRun:
     def __init__(self, job_id: str, config: JobConfig, device: str | None = None):
-        if config.timing != "sync":
-            raise ValueError("the cluster broadcaster runs timing 'sync' jobs")
+        if config.timing == "async" and config.tick_period <= 0:
+            raise ValueError("job config field 'tick_period': timing 'async' on the cluster needs a clock: "
+                             "a tick period > 0 seconds")
+        self.asynchronous = config.timing == "async"
         self.id, self.config = job_id, config
         self.model = build_model(config.task, config.network, device=device, init_scale=config.init_scale)
         train = load(config.task, config.data_dir, "train")
@@ -61,6 +63,8 @@ class JobRun:
         self.epoch = 0
         self.tick = 0
         self.have: set[int] = set()
+        self.held = np.full(config.nodes, -1, dtype=np.int64)  # async: node tick of the newest shard held
+        self.held_at = np.zeros(config.nodes, dtype=np.int64)  # broadcaster tick at which it arrived
         self.history: list[EvalPoint] = []
         self.t_sol = np.full(S, -1, dtype=np.int64)
         self.c0_sol = np.full(S, -1, dtype=np.int64)
@@ -120,6 +124,7 @@ class JobRun:
         self.epoch += 1
         self.tick = ck["tick"]
         self.have.clear()
+        self.held[:] = -1
         self._partial.clear()
         self._stage_at = {}
         self.stage.restore(ck["stage"], self.tick)
@@ -135,8 +140,13 @@ class JobRun:
 
     # --- the tick cycle -----------------------------------------------------------------------
     def on_weights(self, w: p.Weights) -> bool:
-        """Store one shard's weights for the current tick; True when a malformed one was refused."""
-        if w.epoch != self.epoch or w.tick != self.tick or not 0 <= w.shard < len(self.shards):
+        """Store one shard's weights; True when a malformed one was refused.
+
+        Sync keeps only weights of the current tick; async keeps each shard's newest.
+        """
+        if w.epoch != self.epoch or not 0 <= w.shard < len(self.shards):
+            return False
+        if (w.tick <= self.held[w.shard]) if self.asynchronous else (w.tick != self.tick):
             return False  # stale (earlier tick or epoch) or a duplicate resend: nothing to do
         a, b = self.shards[w.shard]
         shape = (self.config.seeds, b - a)
@@ -146,7 +156,13 @@ class JobRun:
         if w.static is not None:
             self.static[:, a:b] = w.static
         self.have.add(w.shard)
+        self.held[w.shard] = w.tick
+        self.held_at[w.shard] = self.tick
         return False
+
+    def staleness(self, tick: int) -> list[int]:
+        """Per node: broadcaster ticks since the shard used at ``tick`` arrived (0 in sync mode)."""
+        return (tick - self.held_at).tolist() if self.asynchronous else [0] * len(self.shards)
 
     @property
     def ready(self) -> bool:
@@ -169,7 +185,7 @@ class JobRun:
             self.finished = True
         if self.finished:
             return None, point
-        if t > 0 and t % cfg.checkpoint_every == 0:
+        if t > 0 and t % cfg.checkpoint_every == 0 and not self.asynchronous:
             self._stage_at[t] = self._boundary(t, [])
             self._try_complete(t)
         self.trail.update(self.static.tobytes())
@@ -177,9 +193,13 @@ class JobRun:
         if self.stage.needs_c0:
             self.stage.measure_c0(self.static)
         c_tilde = self.stage.cost_variation(self.effective)
-        self.have.clear()
+        tags = None
+        if self.asynchronous:
+            tags = self.held.copy()  # each node correlates C̃ with the tick of the shard used
+        else:
+            self.have.clear()
         self.tick = t + 1
-        return p.CostVariation(self.id, self.epoch, t, t, np.ascontiguousarray(c_tilde, dtype=np.float64)), point
+        return p.CostVariation(self.id, self.epoch, t, t, np.ascontiguousarray(c_tilde, dtype=np.float64), tags), point
 
     def result(self) -> EngineResult:
         if self.history:

@@ -73,6 +73,7 @@ class OutputStage:
         self._c0_stale = True
         self._prepared: dict[bytes, object] = {}
         self.c0_measurements = 0
+        self.last_cost = None  # C of the last perturbed tick, per run (reports)
 
     def begin_tick(self, tick: int) -> None:
         """Present the input of this tick; mark C₀ stale if the input or θ⁰ changed."""
@@ -126,4 +127,5 @@ class OutputStage:
 
     def cost_variation(self, theta: np.ndarray) -> np.ndarray:
         """C̃ for the effective weights θ = θ⁰ + θ̃ of this tick, one value per run."""
-        return self.extractor.variation(self.model.cost(theta, self.batch))
+        self.last_cost = self.model.cost(theta, self.batch)
+        return self.extractor.variation(self.last_cost)

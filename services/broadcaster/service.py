@@ -72,6 +72,7 @@ class NodeInfo:
 
 
 class Broadcaster:
+    MAX_REPORTS = 10_000
     def __init__(self, settings: BroadcasterSettings):
         self.s = settings
         self.ctx = zmq.Context()
@@ -92,6 +93,9 @@ class Broadcaster:
         self.running = True
         self.ticks = 0
         self._saved = 0
+        self._reports: list[dict] = []  # per-tick reports since the last progress message
+        self._last_publish = time.monotonic()
+        self._next_tick_at = 0.0  # async: when the broadcaster's clock runs the next tick
         self.results: dict[str, dict] = {}  # summaries of finished jobs, by id
         self._resume_from_disk()
 
@@ -175,6 +179,7 @@ class Broadcaster:
         for msg in job.assignments():
             self._to(by_shard[msg.shard].identity, msg)
         self.state, self.pause_reason = "running", ""
+        self._last_publish = self._next_tick_at = time.monotonic()
         self._log(f"job {job.id}: running from tick {job.tick} (epoch {job.epoch})")
 
     def _finish(self) -> None:
@@ -286,19 +291,44 @@ class Broadcaster:
             return
         if self.job.on_weights(msg):
             self._count("shape")
+        if self.job.asynchronous:
+            return  # async: the broadcaster's own clock runs the ticks (see run)
         while self.job is not None and self.job.ready and self.state == "running":
-            cost, point = self.job.advance()
-            if point is not None and self.client is not None:
-                self._to(self.client, p.Progress(self.job.id, False, {
-                    "tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
-                    "accuracy": point.accuracy.tolist(), "solved": int((self.job.t_sol >= 0).sum())}))
-            if cost is None:
-                self._finish()
-                return
+            self._step()
+
+    def _step(self) -> None:
+        """Run one tick of the job: evaluate if due, publish C̃, report; finish when done."""
+        job = self.job
+        now = time.monotonic()
+        cost, point = job.advance()
+        if cost is not None:
             self.sent[cost.tick] = self._publish(cost)
             if len(self.sent) > 64:
                 self.sent.popitem(last=False)
             self.ticks += 1
+            stage = job.stage
+            held = getattr(stage.extractor, "c0", None)
+            self._reports.append({
+                "tick": cost.tick, "cost": float(np.mean(stage.last_cost)),
+                "c0": None if held is None else float(np.mean(held)), "c_tilde": float(np.mean(cost.c_tilde)),
+                # staleness: how many ticks old each node's shard was (0 in sync mode)
+                "staleness": job.staleness(cost.tick),
+                "node_ticks": None if cost.tags is None else cost.tags.tolist(),
+                "gather_wait_s": now - self._last_publish, "dropped": self.total_dropped()})
+            del self._reports[:-self.MAX_REPORTS]
+            self._last_publish = time.monotonic()
+        if point is not None and self.client is not None:
+            self._to(self.client, p.Progress(job.id, False, {
+                "tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
+                "accuracy": point.accuracy.tolist(), "solved": int((job.t_sol >= 0).sum()),
+                "reports": self._reports}))
+            self._reports = []
+        if cost is None:
+            self._finish()
+
+    def total_dropped(self) -> int:
+        """Malformed frames dropped by the broadcaster and (as reported) by every node."""
+        return sum(self.dropped.values()) + sum(n.dropped for n in self.nodes.values())
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
@@ -308,7 +338,12 @@ class Broadcaster:
         self._log(f"control {self.s.control} · weights {self.s.weights} · cost {self.s.cost}")
         last_check = time.monotonic()
         while self.running:
-            events = dict(poller.poll(self.s.poll_ms))
+            timeout = self.s.poll_ms
+            job = self.job
+            clocked = job is not None and job.asynchronous and self.state == "running"
+            if clocked:
+                timeout = max(0, min(timeout, int((self._next_tick_at - time.monotonic()) * 1000)))
+            events = dict(poller.poll(timeout))
             if self.pull in events:
                 for _ in range(1000):
                     try:
@@ -322,6 +357,12 @@ class Broadcaster:
                     except zmq.Again:
                         break
             now = time.monotonic()
+            if clocked and self.job is job and self.state == "running" and now >= self._next_tick_at:
+                # Async: tick on our own clock with the newest shard of every node (once each
+                # has sent one). Falling behind does not make us burst to catch up.
+                if job.ready:
+                    self._step()
+                self._next_tick_at = max(self._next_tick_at + job.config.tick_period, now)
             if now - last_check > self.s.heartbeat_timeout_s / 4:
                 last_check = now
                 for node_id, info in list(self.nodes.items()):
