@@ -153,6 +153,8 @@ class NodeProcess:
             if self.rx.close_tick(self.tick):
                 self._static_sent = False
             self.tick += 1
+            if self.tick % self.config.checkpoint_every == 0:
+                self._checkpoint()
             self._send_weights()
             for _, msg in self._up_line.due(self.tick):
                 self._send(self.weights, msg)

@@ -72,6 +72,7 @@ class JobRun:
         self._partial: dict[int, dict[int, p.Checkpoint]] = {}  # shard states of unfinished boundaries
         self._stage_at: dict[int, dict] = {}  # broadcaster-side state at those boundaries
         self.checkpoints_taken = 0
+        self.shard_checkpoints: dict[int, p.Checkpoint] = {}  # async: each shard's newest state
         self.trail_valid = True  # False after a restart from disk (the chain is not persisted)
         self.checkpoint = self._boundary(0, [self._shard_state(k, theta0, np.zeros_like(theta0), 0)
                                              for k in range(len(self.shards))])
@@ -98,6 +99,9 @@ class JobRun:
             return False
         a, b = self.shards[c.shard]
         if c.theta0.shape != (self.config.seeds, b - a) or c.gradient.shape != c.theta0.shape:
+            return False
+        if self.asynchronous:  # no common boundaries: keep each shard's newest state
+            self.shard_checkpoints[c.shard] = c
             return False
         self._partial.setdefault(c.tick, {})[c.shard] = c
         return self._try_complete(c.tick)
@@ -137,6 +141,18 @@ class JobRun:
                                 self.config.to_dict(), st["theta0"], st["gradient"], st["pending_arrival"],
                                 st["pending_tag"], st["pending_value"]))
         return out
+
+    def reassign(self, k: int) -> p.Assign:
+        """Async: shard k alone, from its newest checkpoint, while the others keep running."""
+        a, b = self.shards[k]
+        self.held[k] = -1  # the newcomer restarts its clock at the checkpoint's tick
+        c = self.shard_checkpoints.get(k)
+        if c is None:
+            st = self.checkpoint["shards"][k]
+            c = p.Checkpoint(self.id, self.epoch, k, self.checkpoint["tick"], st["updates"], st["theta0"],
+                             st["gradient"], st["pending_arrival"], st["pending_tag"], st["pending_value"])
+        return p.Assign(self.id, self.epoch, k, a, b, self.num_params, c.tick, c.updates, self.config.to_dict(),
+                        c.theta0, c.gradient, c.pending_arrival, c.pending_tag, c.pending_value)
 
     # --- the tick cycle -----------------------------------------------------------------------
     def on_weights(self, w: p.Weights) -> bool:

@@ -170,6 +170,14 @@ class Broadcaster:
         holders = {n.shard for n in self.nodes.values() if n.shard >= 0}
         idle = [n for n in self.nodes.values() if n.shard < 0]
         missing = [k for k in range(len(job.shards)) if k not in holders]
+        if self.state == "running" and job.asynchronous:
+            # Async keeps ticking with a lost node's last shard; a newcomer takes the shard
+            # over from that shard's newest checkpoint, and nobody else restarts.
+            for k, node in zip(missing, idle):
+                node.shard = k
+                self._to(node.identity, job.reassign(k))
+                self._log(f"job {job.id}: shard {k} reassigned to a new node")
+            return
         if len(idle) < len(missing):
             return
         for k, node in zip(missing, idle):
@@ -213,7 +221,9 @@ class Broadcaster:
     def _lose(self, node_id: str, why: str) -> None:
         info = self.nodes.pop(node_id)
         self._log(f"node {node_id} lost ({why})")
-        if self.job is not None and info.shard >= 0 and self.state == "running":
+        if self.job is not None and info.shard >= 0 and self.state == "running" and self.job.asynchronous:
+            self._log(f"job {self.job.id}: shard {info.shard} runs on its last weights until a node takes it over")
+        elif self.job is not None and info.shard >= 0 and self.state == "running":
             self.state, self.pause_reason = "paused", f"node {node_id} (shard {info.shard}) lost: {why}"
             self._publish(p.Control(self.job.id, "pause", self.job.tick, reason=self.pause_reason))
             self._log(f"job {self.job.id}: paused at tick {self.job.tick}, waiting for a node")
@@ -238,7 +248,7 @@ class Broadcaster:
                 self._lose(msg.node_id, "re-joined")  # it lost its state: treat as a replacement
             self.nodes[msg.node_id] = NodeInfo(identity, now)
             self._log(f"node {msg.node_id} joined ({len(self.nodes)} alive)")
-            if self.job is not None and self.state in ("waiting", "paused"):
+            if self.job is not None and (self.state in ("waiting", "paused") or self.job.asynchronous):
                 self._try_start()
         elif isinstance(msg, p.Heartbeat):
             info = self.nodes.get(msg.node_id)

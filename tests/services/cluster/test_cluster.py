@@ -83,12 +83,18 @@ def test_pmgd_train_engine_cluster_trains_parity2(tmp_path):
     assert summary["final_accuracy_median"] == 1.0
 
 
-def _run_in_thread(config, control, progress):
+def _run_in_thread(config, control, progress, reports=None):
+    """Run the job in a thread, appending each progress tick (and its tick reports)."""
     box = {}
+
+    def follow(d):
+        progress.append(d["tick"])
+        if reports is not None:
+            reports.extend(d["reports"])
 
     def target():
         try:
-            box["summary"] = run_job(config, control, lambda d: progress.append(d["tick"]), timeout_s=240)
+            box["summary"] = run_job(config, control, follow, timeout_s=240)
         except Exception as err:  # surfaced by the test
             box["error"] = err
 
@@ -149,6 +155,33 @@ def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.array(summary["theta0"]), theta0)
     assert summary["ticks_run"] == result.ticks and summary["epochs"] >= 2
     assert (tmp_path / f"result-{summary['job']}.json").exists()
+
+
+@pytest.mark.slow
+def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard_checkpoint():
+    config = JobConfig(nodes=2, seeds=2, timing="async", tick_period=0.002, max_ticks=2500, target_accuracy=None,
+                       checkpoint_every=100, eval_every=50, seed=6)
+    with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
+        progress, reports = [], []
+        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress, reports)
+        _wait_for(lambda: progress and progress[-1] >= 600, 120, "the job to pass tick 600")
+        cluster.nodes[1].send_signal(signal.SIGKILL)
+        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 30, "the node to be lost")
+        assert status(cluster.endpoints["control"])["state"] == "running"  # async does not stop for it
+        cluster.start_node("replacement")
+        thread.join(240)
+        assert "error" not in box, box.get("error")
+        summary = box["summary"]
+    theta0 = np.array(summary["theta0"])
+    initial = Engine(config).theta0
+    shard = slice(5, 9)  # node 1's shard of the 9 parameters
+    assert np.all(theta0 != 0) and np.all(theta0[:, shard] != initial[:, shard])
+    assert summary["epochs"] == 1 and summary["final_cost_median"] < 0.2
+    # Shard 1's node ticks as the broadcaster used them: −1 while it waited for the newcomer,
+    # whose clock resumed at the shard's newest checkpoint (≥ 500), never back near 0.
+    ticks = np.array([r["node_ticks"][1] for r in reports])
+    after = ticks[np.argmax(ticks >= 600):]
+    assert (after == -1).any() and np.all((after == -1) | (after >= 500))
 
 
 def test_nodes_leave_cleanly_on_sigterm():
