@@ -98,6 +98,7 @@ class Control(Message):
     command: str
     tick: int = 0
     reason: str = ""
+    epoch: int = 0  # pause/resume apply to this epoch only: an Assign may overtake them
 
 
 @dataclass(frozen=True)
@@ -187,33 +188,67 @@ MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress, Status)
 }
 _FIELD_TYPES = {int: int, str: str, dict: dict, bool: bool}
+_NP_DTYPES = {name: np.dtype(name) for name in _DTYPES}
 
 
 def cost_topic(job: str) -> bytes:
     return f"cost/{job}".encode()
 
 
+class _Plan:
+    """What encode and decode need to know of one message class, worked out once (hot path)."""
+
+    def __init__(self, cls: type[Message]):
+        self.arrays = cls.ARRAYS
+        # (name, is array) in field order: the header keys come out in the same order.
+        self.fields = tuple((f.name, f.name in cls.ARRAYS) for f in dataclasses.fields(cls))
+        # What decode checks, in field order: (name, kind, required); kind None for an array
+        # (required: it may not be None), else the type a header field must have.
+        self.checks = tuple((f.name, None if f.name in cls.ARRAYS else _FIELD_TYPES[_base_type(f.type)],
+                             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                            for f in dataclasses.fields(cls))
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type[Message]) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _Plan(cls)
+    return plan
+
+
+def _wire_array(value: Any, where: str) -> np.ndarray:
+    """``value`` as a C-contiguous little-endian array of one of the wire dtypes (at least 1-d)."""
+    if type(value) is np.ndarray and value.ndim and value.flags.c_contiguous and value.dtype.str in _DTYPES:
+        return value  # the common case, already in wire form
+    arr = np.ascontiguousarray(value)
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    if arr.dtype.str not in _DTYPES:
+        raise TypeError(f"{where}: dtype {arr.dtype} is not one of {_DTYPES}")
+    return arr
+
+
 def encode(msg: Message) -> list[bytes]:
     """The frames of ``msg``: header then one raw frame per array field that is not None."""
     header: dict[str, Any] = {"v": VERSION, "t": msg.TYPE}
-    frames: list[bytes] = []
+    frames: list[bytes] = [b""]
     specs = []
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        if f.name in msg.ARRAYS:
+    for name, is_array in _plan(type(msg)).fields:
+        value = getattr(msg, name)
+        if is_array:
             if value is None:
                 specs.append(None)
                 continue
-            arr = np.ascontiguousarray(value)
-            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-            if arr.dtype.str not in _DTYPES:
-                raise TypeError(f"{msg.TYPE}.{f.name}: dtype {arr.dtype} is not one of {_DTYPES}")
+            arr = _wire_array(value, f"{msg.TYPE}.{name}")
             specs.append([arr.dtype.str, list(arr.shape)])
             frames.append(arr.tobytes())
         else:
-            header[f.name] = value
+            header[name] = value
     header["a"] = specs
-    return [msgpack.packb(header, use_bin_type=True)] + frames
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
 
 
 def decode(frames: list[bytes]) -> Message:
@@ -238,9 +273,10 @@ def decode(frames: list[bytes]) -> Message:
     specs = header.get("a")
     if not isinstance(specs, list) or len(specs) != len(cls.ARRAYS):
         raise ProtocolError("arrays", f"{cls.TYPE} carries {len(cls.ARRAYS)} array specs")
+    plan = _plan(cls)
     kwargs: dict[str, Any] = {}
     frame = 1
-    for name, spec in zip(cls.ARRAYS, specs):
+    for name, spec in zip(plan.arrays, specs):
         if spec is None:
             kwargs[name] = None
             continue
@@ -250,7 +286,7 @@ def decode(frames: list[bytes]) -> Message:
             raise ProtocolError("arrays", f"bad spec for {cls.TYPE}.{name}: {spec!r}")
         if frame >= len(frames):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name} frame missing")
-        dtype = np.dtype(spec[0])
+        dtype = _NP_DTYPES[spec[0]]
         count = math.prod(spec[1])  # exact: an int64 product can wrap around (65536⁴ → 0)
         if count * dtype.itemsize != len(frames[frame]):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name}: {len(frames[frame])} bytes for shape {spec[1]}")
@@ -258,24 +294,21 @@ def decode(frames: list[bytes]) -> Message:
         frame += 1
     if frame != len(frames):
         raise ProtocolError("arrays", f"{len(frames) - frame} extra frames")
-    for f in dataclasses.fields(cls):
-        if f.name in cls.ARRAYS:
-            if f.name not in kwargs:
-                raise ProtocolError("arrays", f"{cls.TYPE}.{f.name} missing")
-            if kwargs[f.name] is None and f.default is dataclasses.MISSING:
-                raise ProtocolError("arrays", f"{cls.TYPE}.{f.name} is required")
+    for name, kind, required in plan.checks:
+        if kind is None:
+            if required and kwargs[name] is None:
+                raise ProtocolError("arrays", f"{cls.TYPE}.{name} is required")
             continue
-        if f.name not in header:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError("field", f"{cls.TYPE}.{f.name} missing")
+        if name not in header:
+            if required:
+                raise ProtocolError("field", f"{cls.TYPE}.{name} missing")
             continue
-        value = header[f.name]
-        kind = _FIELD_TYPES[_base_type(f.type)]
+        value = header[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ProtocolError("field", f"{cls.TYPE}.{f.name} must be {kind.__name__}, got {type(value).__name__}")
-        kwargs[f.name] = value
+            raise ProtocolError("field", f"{cls.TYPE}.{name} must be {kind.__name__}, got {type(value).__name__}")
+        kwargs[name] = value
     msg = cls(**kwargs)
-    if isinstance(msg, Control) and msg.command not in Control.COMMANDS:
+    if cls is Control and msg.command not in Control.COMMANDS:
         raise ProtocolError("field", f"control.command must be one of {', '.join(Control.COMMANDS)}")
     return msg
 

@@ -204,7 +204,7 @@ class JobRun:
         if t > 0 and t % cfg.checkpoint_every == 0 and not self.asynchronous:
             self._stage_at[t] = self._boundary(t, [])
             self._try_complete(t)
-        self.trail.update(self.static.tobytes())
+        self.trail.update(self.static)  # C-contiguous: the bytes of tobytes(), without the copy
         self.stage.begin_tick(t)
         if self.stage.needs_c0:
             self.stage.measure_c0(self.static)
