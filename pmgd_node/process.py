@@ -95,6 +95,7 @@ class NodeProcess:
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
         self.dropped: dict[str, int] = {}
         self.unsent = 0  # messages that found no connected broadcaster
+        self.ignored = 0  # valid C̃ that were not ours to correlate (tagged before our start)
         self.running = True
         self._reset_job()
 
@@ -185,6 +186,7 @@ class NodeProcess:
             return
         self._reset_job()
         self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
+        self._start_tick = a.tick
         self.node = node
         down, up = node_links(config, a.shard)
         self.rx = Receiver(node, FateTable(down))
@@ -208,7 +210,13 @@ class NodeProcess:
                     or c.c_tilde.shape != (self.config.seeds,):
                 self.dropped["shape"] = self.dropped.get("shape", 0) + 1
                 return
-            self.rx.offer(c.c_tilde, int(c.tags[self.shard]), self.tick, seq=c.seq)
+            tag = int(c.tags[self.shard])
+            if not self._start_tick <= tag <= self.tick:
+                # Before our (re)start, the C̃ was made with another node's weights for this
+                # shard; after our tick it is impossible. Neither is ours to correlate.
+                self.ignored += 1
+                return
+            self.rx.offer(c.c_tilde, tag, self.tick, seq=c.seq)
             return
         if c.tick != self.tick:
             return  # a duplicate of a tick already closed
@@ -233,6 +241,8 @@ class NodeProcess:
             return
         if c.command == "stop":
             self._reset_job()
+        elif c.epoch != self.epoch:
+            return  # a pause sent before our latest Assign (PUB and ROUTER do not keep order)
         elif c.command == "pause":
             self.paused = True
         elif c.command in ("resume", "start") and self.paused:

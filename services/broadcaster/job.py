@@ -145,8 +145,11 @@ class JobRun:
     def reassign(self, k: int) -> p.Assign:
         """Async: shard k alone, from its newest checkpoint, while the others keep running."""
         a, b = self.shards[k]
-        self.held[k] = -1  # the newcomer restarts its clock at the checkpoint's tick
         c = self.shard_checkpoints.get(k)
+        # The newcomer's clock restarts at the checkpoint's tick: accept its weights from
+        # there on. Until they arrive, C̃ tags this shard with a tick before its start,
+        # which the newcomer knows it did not perturb and ignores.
+        self.held[k] = (self.checkpoint["tick"] if c is None else c.tick) - 1
         if c is None:
             st = self.checkpoint["shards"][k]
             c = p.Checkpoint(self.id, self.epoch, k, self.checkpoint["tick"], st["updates"], st["theta0"],

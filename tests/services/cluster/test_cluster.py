@@ -159,13 +159,14 @@ def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard_checkpoint():
-    config = JobConfig(nodes=2, seeds=2, timing="async", tick_period=0.002, max_ticks=2500, target_accuracy=None,
+    config = JobConfig(nodes=2, seeds=2, timing="async", tick_period=0.002, max_ticks=5000, target_accuracy=None,
                        checkpoint_every=100, eval_every=50, seed=6)
     with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
         progress, reports = [], []
         thread, box = _run_in_thread(config, cluster.endpoints["control"], progress, reports)
         _wait_for(lambda: progress and progress[-1] >= 600, 120, "the job to pass tick 600")
-        cluster.nodes[1].send_signal(signal.SIGKILL)
+        holder = next(k for k, v in status(cluster.endpoints["control"])["nodes"].items() if v["shard"] == 1)
+        cluster.nodes[int(holder.split("-")[1])].send_signal(signal.SIGKILL)
         _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 30, "the node to be lost")
         assert status(cluster.endpoints["control"])["state"] == "running"  # async does not stop for it
         cluster.start_node("replacement")
@@ -177,11 +178,16 @@ def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard
     shard = slice(5, 9)  # node 1's shard of the 9 parameters
     assert np.all(theta0 != 0) and np.all(theta0[:, shard] != initial[:, shard])
     assert summary["epochs"] == 1 and summary["final_cost_median"] < 0.2
-    # Shard 1's node ticks as the broadcaster used them: −1 while it waited for the newcomer,
-    # whose clock resumed at the shard's newest checkpoint (≥ 500), never back near 0.
+    # Shard 1's node ticks as the broadcaster used them (−1 while it waits for a newcomer's
+    # first weights): frozen on the dead node's last shard while the job ran on (the lost
+    # node is only noticed after a second), then moving on from the shard's newest
+    # checkpoint (≥ 500), never back near 0.
     ticks = np.array([r["node_ticks"][1] for r in reports])
     after = ticks[np.argmax(ticks >= 600):]
-    assert (after == -1).any() and np.all((after == -1) | (after >= 500))
+    after = after[after >= 0]
+    changes = np.flatnonzero(np.diff(after) != 0)
+    longest_freeze = np.diff(np.concatenate([[0], changes, [len(after)]])).max()
+    assert longest_freeze >= 100 and after.min() >= 500 and after[-1] > after[0] + 1000, (longest_freeze, after)
 
 
 def test_nodes_leave_cleanly_on_sigterm():
