@@ -76,8 +76,6 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
                 task, completed=point.tick, status=_status(point.cost, point.accuracy, int(solved.sum()), len(solved))))
             summary = summarize(result)
             summary["device"] = str(getattr(local.model, "device", "cpu"))
-            if len(result.solved) > 1:
-                summary["ticks_to_solution"] = result.ticks_to_solution.tolist()
         bar.update(task, total=summary["ticks_run"], completed=summary["ticks_run"])
     summary["engine"] = engine
     summary["total_wall_time_s"] = time.perf_counter() - started

@@ -181,6 +181,8 @@ def summarize(result: EngineResult) -> dict:
         "final_accuracy_median": float(np.median(result.final_accuracy)),
         "wall_time_s": result.wall_time,
     }
+    if len(solved) > 1:
+        out["ticks_to_solution"] = result.ticks_to_solution.tolist()  # per run, −1 where unsolved
     if solved.any():
         ticks = result.ticks_to_solution[solved]
         total = ticks + result.c0_to_solution[solved]
