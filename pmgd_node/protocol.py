@@ -23,6 +23,8 @@ CostVariation   broadcaster → nodes (PUB/SUB)     C̃ per run, its tick and se
 Submit          client → broadcaster (ROUTER)     a job config to run
 Progress        broadcaster → client (ROUTER)     an evaluation point, or the final result
 Status          client ↔ broadcaster (ROUTER)     ask (empty data) / answer: state, nodes, drops
+CostRequest     broadcaster → evaluator (ROUTER)  the remote evaluator hop: θ of every run, sample indices
+CostReply       evaluator → broadcaster           C per run, or an error
 ==============  ===============================  ==========================================
 """
 
@@ -184,8 +186,32 @@ class Status(Message):
     data: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CostRequest(Message):
+    """Broadcaster → remote evaluator: C(θ) of each run on the training samples ``indices``."""
+
+    TYPE: ClassVar[str] = "cost_request"
+    ARRAYS: ClassVar[tuple[str, ...]] = ("theta", "indices")
+    job: str
+    seq: int
+    config: dict
+    theta: np.ndarray
+    indices: np.ndarray
+
+
+@dataclass(frozen=True)
+class CostReply(Message):
+    TYPE: ClassVar[str] = "cost_reply"
+    ARRAYS: ClassVar[tuple[str, ...]] = ("cost",)
+    job: str
+    seq: int
+    cost: np.ndarray | None = None
+    error: str = ""
+
+
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress, Status)
+    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress,
+                        Status, CostRequest, CostReply)
 }
 _FIELD_TYPES = {int: int, str: str, dict: dict, bool: bool}
 _NP_DTYPES = {name: np.dtype(name) for name in _DTYPES}

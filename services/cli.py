@@ -103,8 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="parameter-node processes")
     up.add_argument("--state-dir", default="", help="broadcaster checkpoints survive restarts here")
     up.add_argument("--log-dir", default="", help="write each process's output to LOG_DIR/<name>.log")
+    up.add_argument("--remote-evaluator", action="store_true",
+                    help="run the forward passes in a separate evaluator process (the chip-in-the-loop hop)")
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
+    sub.add_parser("evaluator", help="serve the broadcaster's forward passes (remote evaluator hop)", add_help=False)
     return parser
 
 
@@ -128,7 +131,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}")
-    cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir)
+    cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir,
+                           remote_evaluator=args.remote_evaluator)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -155,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "broadcaster":
         from services.broadcaster.service import main as broadcaster_main
         return broadcaster_main(argv[1:])
+    if argv and argv[0] == "evaluator":
+        from services.evaluator.remote import main as evaluator_main
+        return evaluator_main(argv[1:])
     if argv and argv[0] == "node":
         from pmgd_node.process import main as node_main
         return node_main(argv[1:])

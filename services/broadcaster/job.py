@@ -33,12 +33,13 @@ from services.broadcaster.output_stage import OutputStage
 from services.engine.engine import EngineResult, EvalPoint, initial_parameters, meets_target
 from services.evaluator.data import Dataset, load
 from services.evaluator.models import build_model
+from services.evaluator.remote import RemoteCost
 
 _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
 
 
 class JobRun:
-    def __init__(self, job_id: str, config: JobConfig, device: str | None = None):
+    def __init__(self, job_id: str, config: JobConfig, device: str | None = None, evaluator: str = ""):
         if config.timing == "async" and config.tick_period <= 0:
             raise ValueError("job config field 'tick_period': timing 'async' on the cluster needs a clock: "
                              "a tick period > 0 seconds")
@@ -50,7 +51,10 @@ class JobRun:
         if config.eval_samples:
             evalset = Dataset(evalset.x[: config.eval_samples], evalset.y[: config.eval_samples],
                               evalset.num_classes, evalset.name)
-        self.stage = OutputStage(config, self.model, train)
+        # evaluator: endpoint of a remote cost server for the per-tick forward passes (the
+        # chip-in-the-loop hop); evaluation on the held-out set stays here.
+        remote = RemoteCost(evaluator, job_id, config) if evaluator else None
+        self.stage = OutputStage(config, self.model, train, remote)
         self._eval_batch = self.model.prepare(evalset.x, evalset.y)
         P, S = self.model.num_params, config.seeds
         if config.nodes > P:
@@ -248,10 +252,10 @@ class JobRun:
             os.replace(path + suffix + ".tmp", path + suffix)
 
     @classmethod
-    def load(cls, path: str, device: str | None = None) -> "JobRun":
+    def load(cls, path: str, device: str | None = None, evaluator: str = "") -> "JobRun":
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
-        job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device)
+        job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator)
         with np.load(path + ".npz") as z:
             shards = [{name: z[f"{k}/{name}"] for name in
                        ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}

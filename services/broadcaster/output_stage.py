@@ -61,7 +61,10 @@ class InputSchedule:
 class OutputStage:
     """Forward pass and C̃ extraction for the S runs of one job."""
 
-    def __init__(self, config: JobConfig, model, train):
+    def __init__(self, config: JobConfig, model, train, remote=None):
+        """``remote``: a ``RemoteCost`` that runs the forward passes in an evaluator process
+        (the batch is then just the sample indices); None runs them here."""
+        self.remote = remote
         self.config = config
         self.model = model
         self.train = train
@@ -85,6 +88,8 @@ class OutputStage:
             self._c0_stale = True
 
     def _prepare(self, idx: np.ndarray):
+        if self.remote is not None:
+            return np.array(idx)
         # Small data sets (parity) cycle through few distinct batches: prepare each once.
         if len(self.train.y) > 64:
             return self.model.prepare(self.train.x[idx], self.train.y[idx])
@@ -93,6 +98,11 @@ class OutputStage:
         if batch is None:
             batch = self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
         return batch
+
+    def _cost(self, theta: np.ndarray) -> np.ndarray:
+        if self.remote is not None:
+            return self.remote.cost(theta, self.batch)
+        return self.model.cost(theta, self.batch)
 
     def snapshot(self) -> dict:
         """The stage's state at a tick boundary as plain data (checkpoints, broadcaster restarts)."""
@@ -121,11 +131,11 @@ class OutputStage:
 
     def measure_c0(self, theta0: np.ndarray) -> None:
         """Sample-and-hold C₀ = C(θ⁰) on the current input (one unperturbed tick)."""
-        self.extractor.hold(self.model.cost(theta0, self.batch))
+        self.extractor.hold(self._cost(theta0))
         self.c0_measurements += 1
         self._c0_stale = False
 
     def cost_variation(self, theta: np.ndarray) -> np.ndarray:
         """C̃ for the effective weights θ = θ⁰ + θ̃ of this tick, one value per run."""
-        self.last_cost = self.model.cost(theta, self.batch)
+        self.last_cost = self._cost(theta)
         return self.extractor.variation(self.last_cost)

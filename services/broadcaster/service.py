@@ -33,6 +33,8 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from services.engine.engine import summarize
 
+from services.evaluator.remote import RemoteError
+
 from .job import JobRun
 
 
@@ -47,6 +49,7 @@ class BroadcasterSettings:
     poll_ms: int = 100
     state_dir: str = ""  # where checkpoints survive a broadcaster restart ("" = memory only)
     device: str = ""  # torch device for CNN forward passes ("" = cuda if available)
+    evaluator: str = ""  # cost-server endpoint for the per-tick forward passes ("" = in-process)
 
     @classmethod
     def from_env(cls, env=os.environ, **overrides) -> "BroadcasterSettings":
@@ -133,7 +136,7 @@ class Broadcaster:
                     with open(os.path.join(self.s.state_dir, name), encoding="utf-8") as f:
                         self.results[name[len("result-"):-len(".json")]] = json.load(f)
         if path and os.path.exists(path + ".json"):
-            self.job = JobRun.load(path, device=self.s.device or None)
+            self.job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator)
             self.state = "waiting"
             self._log(f"resuming job {self.job.id} from its checkpoint at tick {self.job.checkpoint['tick']}")
 
@@ -162,7 +165,8 @@ class Broadcaster:
             return
         try:
             config = JobConfig.from_dict(msg.config)
-            job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None)
+            job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None,
+                         evaluator=self.s.evaluator)
         except Exception as err:  # a config off the wire must never stop the service: besides
             # ConfigError, JobConfig raises TypeError/AttributeError for some wrong types
             # (fm_band: 1, task: None), and JobRun whatever its setup raises.
@@ -226,6 +230,17 @@ class Broadcaster:
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
         self._log(f"job {job.id}: finished at tick {job.tick}, {summary['converged']}/{summary['runs']} converged")
+        self.job, self.client, self.state = None, None, "idle"
+
+    def _fail(self, reason: str) -> None:
+        """Abandon the job: tell the nodes and the client why."""
+        job = self.job
+        self._log(f"job {job.id}: failed: {reason}")
+        self._publish(p.Control(job.id, "stop", job.tick, reason=reason))
+        for n in self.nodes.values():
+            n.shard = -1
+        if self.client is not None:
+            self._to(self.client, p.Progress(job.id, True, {"error": reason}))
         self.job, self.client, self.state = None, None, "idle"
 
     def _lose(self, node_id: str, why: str) -> None:
@@ -320,7 +335,11 @@ class Broadcaster:
         """Run one tick of the job: evaluate if due, publish C̃, report; finish when done."""
         job = self.job
         now = time.monotonic()
-        cost, point = job.advance()
+        try:
+            cost, point = job.advance()
+        except RemoteError as err:
+            self._fail(str(err))
+            return
         if cost is not None:
             self.sent[cost.tick] = self._publish(cost)
             if len(self.sent) > 64:

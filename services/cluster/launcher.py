@@ -36,9 +36,12 @@ class LocalCluster:
     """Broadcaster + ``nodes`` node processes; a context manager that always cleans up."""
 
     def __init__(self, nodes: int, host: str = "127.0.0.1", state_dir: str = "", heartbeat_timeout_s: float = 2.0,
-                 log_dir: str = "", env: dict | None = None):
+                 log_dir: str = "", env: dict | None = None, remote_evaluator: bool = False):
         ports = [free_port() for _ in range(3)]
         self.endpoints = {name: f"tcp://{host}:{port}" for name, port in zip(("control", "weights", "cost"), ports)}
+        if remote_evaluator:
+            self.endpoints["evaluator"] = f"tcp://{host}:{free_port()}"
+        self.evaluator: subprocess.Popen | None = None
         self.num_nodes = nodes
         self.state_dir = state_dir
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -58,10 +61,12 @@ class LocalCluster:
                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
 
     def _endpoint_flags(self) -> list[str]:
-        return [f"--{k}={v}" for k, v in self.endpoints.items()]
+        return [f"--{k}={v}" for k, v in self.endpoints.items() if k != "evaluator"]
 
     def start_broadcaster(self) -> subprocess.Popen:
         args = ["broadcaster", *self._endpoint_flags(), f"--heartbeat-timeout-s={self.heartbeat_timeout_s}"]
+        if "evaluator" in self.endpoints:
+            args.append(f"--evaluator={self.endpoints['evaluator']}")
         if self.state_dir:
             args.append(f"--state-dir={self.state_dir}")
         self.broadcaster = self._spawn(args, "broadcaster")
@@ -76,13 +81,15 @@ class LocalCluster:
         return proc
 
     def start(self) -> "LocalCluster":
+        if "evaluator" in self.endpoints:
+            self.evaluator = self._spawn(["evaluator", f"--endpoint={self.endpoints['evaluator']}"], "evaluator")
         self.start_broadcaster()
         for _ in range(self.num_nodes):
             self.start_node()
         return self
 
     def processes(self) -> list[subprocess.Popen]:
-        return [p for p in [self.broadcaster, *self.nodes] if p is not None]
+        return [p for p in [self.evaluator, self.broadcaster, *self.nodes] if p is not None]
 
     def stop(self, grace_s: float = 5.0) -> None:
         procs = [p for p in self.processes() if p.poll() is None]

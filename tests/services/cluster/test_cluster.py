@@ -250,3 +250,30 @@ def test_sync_reports_every_tick(cluster):
     for r in reports:
         assert r["staleness"] == [0, 0] and r["gather_wait_s"] >= 0 and r["dropped"] == 0
         assert r["cost"] - r["c0"] == pytest.approx(r["c_tilde"])  # C̃ = C − C₀ (one run)
+
+
+def test_remote_evaluator_hop_keeps_the_trajectory_bit_identical():
+    config = JobConfig(nodes=2, seeds=2, max_ticks=200, target_accuracy=None, seed=8)
+    with LocalCluster(2, remote_evaluator=True) as cluster:
+        summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _assert_identical(summary, config)
+
+
+def test_cost_server_answers_bad_requests_with_an_error():
+    from pmgd_node import protocol as p
+    from services.evaluator.remote import CostServer, EvaluatorSettings
+    from services.cluster.launcher import free_port
+
+    server = CostServer(EvaluatorSettings(endpoint=f"tcp://127.0.0.1:{free_port()}"))
+    try:
+        cfg = JobConfig().to_dict()
+        good = server.answer(p.CostRequest("j", 1, cfg, np.zeros((2, 9)), np.array([0, 3])))
+        assert good.error == "" and good.cost.shape == (2,)
+        for bad in (p.CostRequest("j", 2, cfg, np.zeros((2, 9)), np.array([7])),  # parity2 has 4 samples
+                    p.CostRequest("j", 3, cfg, np.zeros((2, 5)), np.array([0])),  # wrong θ width
+                    p.CostRequest("k", 4, cfg | {"eta": -1}, np.zeros((2, 9)), np.array([0]))):
+            reply = server.answer(bad)
+            assert reply.seq == bad.seq and reply.cost is None and reply.error
+    finally:
+        server.sock.close(linger=0)
+        server.ctx.term()
