@@ -73,6 +73,8 @@ def _pending_arrays(rx: Receiver, runs: int) -> dict[str, np.ndarray]:
 
 def _check_assign(a: p.Assign, shape: tuple[int, ...]) -> None:
     """Refuse an assignment whose arrays do not fit the shard (they would fail later, mid-tick)."""
+    if a.theta0.dtype.kind != "f":
+        raise ValueError(f"theta0 must be float32 or float64, got {a.theta0.dtype}")
     if a.gradient.shape != shape:
         raise ValueError(f"gradient has shape {a.gradient.shape}, expected {shape}")
     n = len(a.pending_arrival)
@@ -176,7 +178,8 @@ class NodeProcess:
     def _on_assign(self, a: p.Assign) -> None:
         try:
             config = JobConfig.from_dict(a.config)
-            node = ParameterNode(config, a.num_params, a.start, a.stop, np.array(a.theta0, dtype=np.float64))
+            # θ⁰ keeps its wire dtype (float32 for the CNNs), as the engine's nodes do.
+            node = ParameterNode(config, a.num_params, a.start, a.stop, np.array(a.theta0))
             _check_assign(a, node.theta0.shape)
             node.restore(a.theta0, a.gradient, a.updates)
         except Exception as err:  # off the wire: never fatal. Besides ValueError, JobConfig raises

@@ -56,6 +56,19 @@ def test_sync_cluster_is_bit_identical_to_the_engine(cluster, perturbation, node
     assert summary["ticks_run"] == 300  # 300 ticks of three runs: not everything solved early
 
 
+def test_cnn_float32_job_is_bit_identical_too(cluster, tmp_path):
+    from services.evaluator.data import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path, n_train=100, n_test=50, seed=0)
+    config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=3,
+                       max_ticks=30, eval_every=15, target_accuracy=None, seed=3)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    result, theta0, trail = engine_reference(config)
+    assert theta0.dtype == np.float32
+    np.testing.assert_array_equal(np.array(summary["theta0"], dtype=np.float32), theta0)
+    assert summary["trail"] == trail
+
+
 def test_link_models_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, delay=2, jitter=3, drop=0.1,
                        node_links={"1": {"delay": 5, "drop": 0.3}}, correlation="tagged", seed=11)
