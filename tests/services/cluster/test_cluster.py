@@ -235,11 +235,12 @@ def test_pmgd_up_prints_endpoints_and_stops_everything_on_ctrl_c():
 
 def test_async_cluster_with_drift_trains_and_reports_staleness(cluster):
     """Spot check of async timing on the real cluster: own clocks with drift, newest shard."""
-    config = JobConfig(nodes=2, seeds=8, timing="async", tick_period=0.002, drift=0.05, max_ticks=3000, seed=1,
+    config = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, drift=0.05, max_ticks=3000, seed=1,
                        batch=4, eta=1.0)
     reports = []
     summary = run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=120)
-    assert summary["converged"] >= 5  # the in-process engine, async, seeds 1–3: 7, 8, 8 of 8
+    # Async runs depend on the machine's timing; the in-process engine solves 7–8 of 8 here.
+    assert summary["converged"] >= 7
     stale = np.array([r["staleness"] for r in reports])
     assert stale.shape[1] == 2 and stale.min() >= 0 and stale.max() >= 1  # async: shards are sometimes old
     node_ticks = np.array([r["node_ticks"] for r in reports])
@@ -247,12 +248,13 @@ def test_async_cluster_with_drift_trains_and_reports_staleness(cluster):
 
 
 def test_async_cluster_untagged_delay_breaks_training_tagged_does_not(cluster):
-    base = JobConfig(nodes=2, seeds=8, timing="async", tick_period=0.002, max_ticks=3000, delay=2, seed=2,
+    base = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, max_ticks=3000, delay=2, seed=2,
                      batch=4, eta=1.0)
     tagged = run_job(base, cluster.endpoints["control"], timeout_s=120)
     untagged = run_job(base.replace(correlation="untagged"), cluster.endpoints["control"], timeout_s=120)
-    assert tagged["converged"] >= 5
-    assert untagged["converged"] <= 2  # chance solutions: the engine gets 0–1 of 8 here
+    # Not reproducible (real clocks): wide margins. The engine solves 0–1 of 8 untagged here.
+    assert tagged["converged"] >= 6
+    assert untagged["converged"] <= 2 and tagged["converged"] >= untagged["converged"] + 4
 
 
 def test_sync_reports_every_tick(cluster):
