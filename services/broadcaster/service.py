@@ -102,8 +102,8 @@ class Broadcaster:
         self.dropped: dict[str, int] = {}
         self.sent: OrderedDict[int, list[bytes]] = OrderedDict()  # recent C̃ frames, for resend requests
         self.running = True
-        self.ticks = 0
-        self._saved = 0
+        self.ticks = 0  # ticks served since start, all jobs
+        self.saved = 0  # checkpoints written to state_dir
         self._reports: list[dict] = []  # per-tick reports since the last progress message
         self._last_publish = time.monotonic()
         self._next_tick_at = 0.0  # async: when the broadcaster's clock runs the next tick
@@ -145,6 +145,7 @@ class Broadcaster:
         now = time.monotonic()
         job = self.job
         return {"state": self.state, "pause_reason": self.pause_reason, "dropped": dict(self.dropped),
+                "ticks_served": self.ticks, "checkpoints_saved": self.saved,
                 "nodes": {k: {"shard": n.shard, "last_seen_s": now - n.last_seen, "dropped": n.dropped}
                           for k, n in self.nodes.items()},
                 "job": None if job is None else {"id": job.id, "tick": job.tick, "epoch": job.epoch,
@@ -311,7 +312,7 @@ class Broadcaster:
         if self._state_path():
             os.makedirs(self.s.state_dir, exist_ok=True)
             self.job.save(self._state_path())
-            self._saved += 1
+            self.saved += 1
 
     def _on_weights(self, frames: list[bytes]) -> None:
         try:
