@@ -1,0 +1,1 @@
+"""The REST API service (issue 4): jobs, persistence, metrics, dashboard."""
