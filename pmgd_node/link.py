@@ -40,6 +40,10 @@ class Link:
         if self.ideal:
             return 0
         u_drop, u_jit = seeded_uniform(self._seeds, self._stream, np.array([2 * seq, 2 * seq + 1]))[0]
+        return self.decide(u_drop, u_jit)
+
+    def decide(self, u_drop: float, u_jit: float) -> int | None:
+        """The fate drawn from message ``seq``'s two uniforms (the module docstring's rule)."""
         if u_drop < self.drop:
             return None
         if self.jitter == 0:
@@ -176,12 +180,4 @@ class FateTable:
             self._u = seeded_uniform(self.link._seeds, self.link._stream, index)[0].tolist()
             self._first = first
         i = 2 * (seq - first)
-        u_drop, u_jit = self._u[i], self._u[i + 1]
-        # The same decisions as Link.fate, on the same numbers.
-        if u_drop < self.drop:
-            return None
-        if self.jitter == 0:
-            return self.delay
-        if self.dist == "uniform":
-            return self.delay + int(u_jit * (self.jitter + 1))
-        return self.delay + int(round(-self.jitter * math.log1p(-u_jit)))
+        return self.link.decide(self._u[i], self._u[i + 1])  # Link.fate's rule on the same numbers

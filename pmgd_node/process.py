@@ -14,10 +14,8 @@ leaves cleanly on a stop, SIGTERM or SIGINT. Every malformed frame is dropped an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import signal
 import socket
 import sys
 import time
@@ -29,6 +27,7 @@ from . import protocol as p
 from .config import JobConfig
 from .link import Clock, DelayLine, FateTable, Receiver, node_links
 from .node import ParameterNode
+from .settings import parse, serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,23 +42,9 @@ class NodeSettings:
     broadcaster_timeout_s: float = 3.0  # silence after which the node joins again
     resend_s: float = 0.5  # wait for a C̃ before asking the broadcaster for it directly
 
-    @classmethod
-    def from_env(cls, env=os.environ, **overrides) -> "NodeSettings":
-        values = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get("PMGD_" + f.name.upper())
-            if raw is not None and f.type == "float":
-                try:
-                    values[f.name] = float(raw)
-                except ValueError:
-                    raise SystemExit(f"PMGD_{f.name.upper()} must be a number of seconds; got {raw!r}") from None
-            elif raw is not None:
-                values[f.name] = raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        s = cls(**values)
-        if not s.node_id:
-            s = dataclasses.replace(s, node_id=f"{socket.gethostname()}-{os.getpid()}")
-        return s
+    def with_node_id(self) -> "NodeSettings":
+        """These settings, with a host-and-pid node id when none was given."""
+        return self if self.node_id else dataclasses.replace(self, node_id=f"{socket.gethostname()}-{os.getpid()}")
 
 
 def _pending_arrays(rx: Receiver, runs: int) -> dict[str, np.ndarray]:
@@ -332,18 +317,7 @@ class NodeProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pmgd node", description="run one PMGD parameter node")
-    for f in dataclasses.fields(NodeSettings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=float if f.type == "float" else str,
-                            help=f"default: env PMGD_{f.name.upper()} or {f.default!r}")
-    args = parser.parse_args(argv)
-    proc = NodeProcess(NodeSettings.from_env(**vars(args)))
-
-    def leave(signum, frame):
-        proc.running = False
-
-    signal.signal(signal.SIGTERM, leave)
-    signal.signal(signal.SIGINT, leave)
+    settings = parse(NodeSettings, "PMGD_", "pmgd node", "run one PMGD parameter node", argv)
+    proc = NodeProcess(settings.with_node_id())
     print(f"pmgd node {proc.s.node_id}: joining {proc.s.control}", flush=True)
-    return proc.run()
+    return serve(proc)

@@ -16,11 +16,9 @@ resumes the unfinished job from it as soon as the nodes re-join.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 import uuid
@@ -31,6 +29,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.settings import parse, serve
 from services.engine.engine import summarize
 
 from services.evaluator.remote import RemoteError
@@ -50,20 +49,6 @@ class BroadcasterSettings:
     state_dir: str = ""  # where checkpoints survive a broadcaster restart ("" = memory only)
     device: str = ""  # torch device for CNN forward passes ("" = cuda if available)
     evaluator: str = ""  # cost-server endpoint for the per-tick forward passes ("" = in-process)
-
-    @classmethod
-    def from_env(cls, env=os.environ, **overrides) -> "BroadcasterSettings":
-        values: dict = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get("PMGD_BROADCASTER_" + f.name.upper())
-            if raw is None:
-                continue
-            try:
-                values[f.name] = {"float": float, "int": int}.get(f.type, str)(raw)
-            except ValueError:
-                raise SystemExit(f"PMGD_BROADCASTER_{f.name.upper()} must be a {f.type}; got {raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 def _mean(x: np.ndarray) -> float:
@@ -418,20 +403,8 @@ class Broadcaster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pmgd broadcaster", description="run the PMGD cost-broadcaster")
-    for f in dataclasses.fields(BroadcasterSettings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type={"float": float, "int": int}.get(f.type, str),
-                            help=f"default: env PMGD_BROADCASTER_{f.name.upper()} or {f.default!r}")
-    args = parser.parse_args(argv)
-    service = Broadcaster(BroadcasterSettings.from_env(**vars(args)))
-
-    def leave(signum, frame):
-        service.running = False
-
-    signal.signal(signal.SIGTERM, leave)
-    signal.signal(signal.SIGINT, leave)
-    return service.run()
+    settings = parse(BroadcasterSettings, "PMGD_BROADCASTER_", "pmgd broadcaster", "run the PMGD cost-broadcaster", argv)
+    return serve(Broadcaster(settings))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ same numbers). The server keeps one model and data set per job, loaded on first 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import signal
 import sys
 
 import numpy as np
@@ -21,6 +18,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.settings import parse, serve
 
 from .data import load
 from .models import build_model
@@ -68,19 +66,6 @@ class EvaluatorSettings:
     endpoint: str = "tcp://127.0.0.1:5560"
     device: str = ""  # torch device for the CNNs ("" = cuda if available)
     max_jobs: int = 4  # models and data sets kept loaded
-
-    @classmethod
-    def from_env(cls, env=os.environ, **overrides) -> "EvaluatorSettings":
-        values: dict = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get("PMGD_EVALUATOR_" + f.name.upper())
-            if raw is not None:
-                try:
-                    values[f.name] = int(raw) if f.type == "int" else raw
-                except ValueError:
-                    raise SystemExit(f"PMGD_EVALUATOR_{f.name.upper()} must be an integer; got {raw!r}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
 
 
 class CostServer:
@@ -143,19 +128,9 @@ class CostServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pmgd evaluator", description="serve forward passes to a broadcaster")
-    for f in dataclasses.fields(EvaluatorSettings):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=int if f.type == "int" else str,
-                            help=f"default: env PMGD_EVALUATOR_{f.name.upper()} or {f.default!r}")
-    server = CostServer(EvaluatorSettings.from_env(**vars(parser.parse_args(argv))))
-
-    def leave(signum, frame):
-        server.running = False
-
-    signal.signal(signal.SIGTERM, leave)
-    signal.signal(signal.SIGINT, leave)
-    return server.run()
+    settings = parse(EvaluatorSettings, "PMGD_EVALUATOR_", "pmgd evaluator", "serve forward passes to a broadcaster",
+                     argv)
+    return serve(CostServer(settings))
 
 
 if __name__ == "__main__":
