@@ -81,8 +81,6 @@ class NodeProcess:
             sock.connect(ep)
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
         self.dropped: dict[str, int] = {}
-        self.unsent = 0  # messages that found no connected broadcaster
-        self.ignored = 0  # valid C̃ that were not ours to correlate (tagged before our start)
         self.running = True
         self._reset_job()
 
@@ -107,7 +105,7 @@ class NodeProcess:
         try:
             sock.send_multipart(p.encode(msg), flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            self.unsent += 1
+            pass
 
     def _send_control(self, msg: p.Message) -> None:
         self._send(self.control, msg)
@@ -202,7 +200,6 @@ class NodeProcess:
             if not self._start_tick <= tag <= self.tick:
                 # Before our (re)start, the C̃ was made with another node's weights for this
                 # shard; after our tick it is impossible. Neither is ours to correlate.
-                self.ignored += 1
                 return
             self.rx.offer(c.c_tilde, tag, self.tick, seq=c.seq)
             return
