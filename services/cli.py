@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
     sub.add_parser("evaluator", help="serve the broadcaster's forward passes (remote evaluator hop)", add_help=False)
+    sub.add_parser("jobs", help="control jobs on a running API: submit, ls, show, stop, logs", add_help=False)
     return parser
 
 
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "node":
         from pmgd_node.process import main as node_main
         return node_main(argv[1:])
+    if argv and argv[0] == "jobs":
+        from services.api.client import main as jobs_main
+        return jobs_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
