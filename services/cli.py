@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default="", help="write each process's output to LOG_DIR/<name>.log")
     up.add_argument("--remote-evaluator", action="store_true",
                     help="run the forward passes in a separate evaluator process (the chip-in-the-loop hop)")
+    sub.add_parser("api", help="serve the REST API and the live dashboard", add_help=False)
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
     sub.add_parser("evaluator", help="serve the broadcaster's forward passes (remote evaluator hop)", add_help=False)
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "broadcaster":
         from services.broadcaster.service import main as broadcaster_main
         return broadcaster_main(argv[1:])
+    if argv and argv[0] == "api":
+        from services.api.app import main as api_main
+        return api_main(argv[1:])
     if argv and argv[0] == "evaluator":
         from services.evaluator.remote import main as evaluator_main
         return evaluator_main(argv[1:])

@@ -2,9 +2,10 @@
 
 Tables::
 
-    jobs(id, config JSON, engine, state, error, summary JSON, created, updated)
+    jobs(id, config JSON, engine, options JSON, state, error, summary JSON, tick, created, updated)
     metrics(job, tick, name, value)            one row per (tick, series), e.g. cost, accuracy
-    checkpoints(job, tick, data BLOB)          θ⁰ as an .npz, newest kept per job
+    checkpoints(job, tick, data BLOB)          θ⁰ (and resume state) as an .npz, newest per job
+    events(job, seq, time, text)               the job's log: state changes, progress lines
 
 States: created → running ⇄ paused → finished | stopped | failed; a job that was running or
 paused when the service died is ``interrupted`` after a restart (``recover``) and resumable.
@@ -25,15 +26,21 @@ import numpy as np
 STATES = ("created", "running", "paused", "finished", "stopped", "failed", "interrupted")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, config TEXT NOT NULL, engine TEXT NOT NULL, state TEXT NOT NULL,
-    error TEXT NOT NULL DEFAULT '', summary TEXT, created REAL NOT NULL, updated REAL NOT NULL);
+    id TEXT PRIMARY KEY, config TEXT NOT NULL, engine TEXT NOT NULL, options TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL, error TEXT NOT NULL DEFAULT '', summary TEXT, tick INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS metrics (
     job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, tick INTEGER NOT NULL,
     name TEXT NOT NULL, value REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job, name, tick);
 CREATE TABLE IF NOT EXISTS checkpoints (
     job TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, tick INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL, text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_job ON events(job, seq);
 """
+_COLUMNS = "id, config, engine, options, state, error, summary, tick, created, updated"
 
 
 class UnknownJob(KeyError):
@@ -57,23 +64,22 @@ class Store:
         self._db.close()
 
     # --- jobs ----------------------------------------------------------------------------------
-    def create(self, config: dict, engine: str) -> str:
+    def create(self, config: dict, engine: str, options: dict | None = None) -> str:
         job = uuid.uuid4().hex[:12]
         now = time.time()
-        self._run("INSERT INTO jobs VALUES (?, ?, ?, 'created', '', NULL, ?, ?)",
-                  (job, json.dumps(config), engine, now, now))
+        self._run(f"INSERT INTO jobs ({_COLUMNS}) VALUES (?, ?, ?, ?, 'created', '', NULL, 0, ?, ?)",
+                  (job, json.dumps(config), engine, json.dumps(options or {}), now, now))
+        self.log(job, "created")
         return job
 
     def get(self, job: str) -> dict:
-        rows = self._run("SELECT id, config, engine, state, error, summary, created, updated FROM jobs WHERE id=?",
-                         (job,))
+        rows = self._run(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job,))
         if not rows:
             raise UnknownJob(job)
         return _job(rows[0])
 
     def list(self) -> list[dict]:
-        return [_job(r) for r in self._run(
-            "SELECT id, config, engine, state, error, summary, created, updated FROM jobs ORDER BY created")]
+        return [_job(r) for r in self._run(f"SELECT {_COLUMNS} FROM jobs ORDER BY created, rowid")]
 
     def set_state(self, job: str, state: str, error: str = "", summary: dict | None = None) -> None:
         if state not in STATES:
@@ -91,13 +97,33 @@ class Store:
         ids = [r[0] for r in self._run("SELECT id FROM jobs WHERE state IN ('running', 'paused')")]
         for job in ids:
             self.set_state(job, "interrupted", "the service stopped while the job was active")
+            self.log(job, "interrupted: the service stopped while the job was active (resume continues it)")
         return ids
+
+    # --- the job's log -------------------------------------------------------------------------
+    def log(self, job: str, text: str) -> None:
+        self._run("INSERT INTO events (job, time, text) VALUES (?, ?, ?)", (job, time.time(), text))
+
+    def logs(self, job: str, since: int = 0) -> list[dict]:
+        """Log lines of ``job`` with seq > ``since``, oldest first."""
+        self.get(job)
+        return [{"seq": seq, "time": t, "text": text} for seq, t, text in self._run(
+            "SELECT seq, time, text FROM events WHERE job=? AND seq>? ORDER BY seq", (job, since))]
 
     # --- metrics -------------------------------------------------------------------------------
     def add_metrics(self, job: str, tick: int, values: dict[str, float]) -> None:
+        self.add_points(job, [(tick, name, v) for name, v in values.items()])
+
+    def add_points(self, job: str, points: list[tuple[int, str, float]]) -> None:
+        """Append (tick, series, value) points in one transaction; the job's tick follows the newest."""
+        if not points:
+            return
         with self._lock:
+            self._db.execute("BEGIN")
             self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
-                                 [(job, int(tick), name, float(v)) for name, v in values.items()])
+                                 [(job, int(t), name, float(v)) for t, name, v in points])
+            self._db.execute("UPDATE jobs SET tick=MAX(tick, ?) WHERE id=?", (max(int(t) for t, _, _ in points), job))
+            self._db.execute("COMMIT")
 
     def metrics(self, job: str, since: int = -1) -> dict[str, list[tuple[int, float]]]:
         """Every series of ``job`` after tick ``since``: name → [(tick, value), …] in tick order."""
@@ -110,9 +136,10 @@ class Store:
         return series
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, job: str, tick: int, theta0: np.ndarray) -> None:
+    def save_checkpoint(self, job: str, tick: int, theta0: np.ndarray, **extra: np.ndarray) -> None:
+        """θ⁰ at ``tick``, plus whatever else the runner needs to resume (``extra`` arrays)."""
         buf = io.BytesIO()
-        np.savez(buf, theta0=theta0, tick=np.int64(tick))
+        np.savez(buf, theta0=theta0, tick=np.int64(tick), **extra)
         self._run("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", (job, int(tick), buf.getvalue()))
 
     def checkpoint(self, job: str) -> tuple[int, bytes] | None:
@@ -123,6 +150,7 @@ class Store:
 
 
 def _job(row: tuple) -> dict:
-    job, config, engine, state, error, summary, created, updated = row
-    return {"id": job, "config": json.loads(config), "engine": engine, "state": state, "error": error,
-            "summary": None if summary is None else json.loads(summary), "created": created, "updated": updated}
+    job, config, engine, options, state, error, summary, tick, created, updated = row
+    return {"id": job, "config": json.loads(config), "engine": engine, "options": json.loads(options),
+            "state": state, "error": error, "summary": None if summary is None else json.loads(summary),
+            "tick": tick, "created": created, "updated": updated}

@@ -84,6 +84,8 @@ class Broadcaster:
         self.client: bytes | None = None
         self.state = "idle"  # idle · waiting (for nodes) · running · paused
         self.pause_reason = ""
+        self.held = False  # paused by the client: no node event restarts the job until it resumes
+        self._progress_checkpoint = 0  # checkpoints_taken when progress last carried θ⁰
         self.dropped: dict[str, int] = {}
         self.sent: OrderedDict[int, list[bytes]] = OrderedDict()  # recent C̃ frames, for resend requests
         self.running = True
@@ -165,6 +167,8 @@ class Broadcaster:
     def _try_start(self) -> None:
         """Assign every shard (from the checkpoint) once enough nodes are alive."""
         job = self.job
+        if self.held:
+            return
         holders = {n.shard for n in self.nodes.values() if n.shard >= 0}
         idle = [n for n in self.nodes.values() if n.shard < 0]
         missing = [k for k in range(len(job.shards)) if k not in holders]
@@ -216,7 +220,7 @@ class Broadcaster:
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
         self._log(f"job {job.id}: finished at tick {job.tick}, {summary['converged']}/{summary['runs']} converged")
-        self.job, self.client, self.state = None, None, "idle"
+        self.job, self.client, self.state, self.held = None, None, "idle", False
 
     def _fail(self, reason: str) -> None:
         """Abandon the job: tell the nodes and the client why."""
@@ -227,7 +231,7 @@ class Broadcaster:
             n.shard = -1
         if self.client is not None:
             self._to(self.client, p.Progress(job.id, True, {"error": reason}))
-        self.job, self.client, self.state = None, None, "idle"
+        self.job, self.client, self.state, self.held = None, None, "idle", False
 
     def _lose(self, node_id: str, why: str) -> None:
         info = self.nodes.pop(node_id)
@@ -287,9 +291,28 @@ class Broadcaster:
             node_id = next((k for k, v in self.nodes.items() if v.identity == identity), None)
             if node_id is not None:
                 self._lose(node_id, msg.reason or "left")
-            elif msg.command == "stop" and self.job is not None and msg.job == self.job.id:
-                self.job.finished = True
-                self._finish()
+            elif self.job is not None and msg.job == self.job.id:
+                self._client_command(msg.command)
+        else:
+            self._count("unexpected")
+
+    def _client_command(self, command: str) -> None:
+        """stop ends the job (the client gets the summary so far); pause holds it; resume
+        restarts every shard from the last checkpoint under a new epoch, as after a lost node."""
+        job = self.job
+        if command == "stop":
+            job.finished = True
+            self._finish()
+        elif command == "pause" and not self.held:
+            self.held = True
+            if self.state == "running":
+                self.state, self.pause_reason = "paused", "paused by the client"
+                self._publish(p.Control(job.id, "pause", job.tick, self.pause_reason, job.epoch))
+            self._log(f"job {job.id}: paused by the client at tick {job.tick}")
+        elif command == "resume" and self.held:
+            self.held = False
+            self._log(f"job {job.id}: resumed by the client from the checkpoint at tick {job.checkpoint['tick']}")
+            self._try_start()
         else:
             self._count("unexpected")
 
@@ -343,10 +366,15 @@ class Broadcaster:
             del self._reports[:-self.MAX_REPORTS]
             self._last_publish = time.monotonic()
         if point is not None and self.client is not None:
-            self._to(self.client, p.Progress(job.id, False, {
-                "tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
-                "accuracy": point.accuracy.tolist(), "solved": int((job.t_sol >= 0).sum()),
-                "reports": self._reports}))
+            data = {"tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
+                    "accuracy": point.accuracy.tolist(), "solved": int((job.t_sol >= 0).sum()),
+                    "reports": self._reports}
+            if job.checkpoints_taken != self._progress_checkpoint:  # θ⁰ of a new checkpoint, once
+                self._progress_checkpoint = job.checkpoints_taken
+                ck = job.checkpoint
+                data["checkpoint"] = {"tick": int(ck["tick"]), "theta0": np.concatenate(
+                    [st["theta0"] for st in ck["shards"]], axis=-1).tolist()}
+            self._to(self.client, p.Progress(job.id, False, data))
             self._reports = []
         if cost is None:
             self._finish()

@@ -16,8 +16,13 @@ class JobFailed(RuntimeError):
     pass
 
 
+class Cancelled(RuntimeError):
+    """The caller stopped following the job (it keeps running on the broadcaster)."""
+
+
 def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None] | None = None,
-            timeout_s: float = 3600.0, job_id: str = "", resubmit_s: float = 5.0) -> dict:
+            timeout_s: float = 3600.0, job_id: str = "", resubmit_s: float = 5.0,
+            cancelled: Callable[[], bool] | None = None) -> dict:
     """Submit ``config`` to the broadcaster at ``control`` and block until its final result.
 
     Returns the result summary (the same fields as the in-process engine's, plus the final
@@ -34,6 +39,8 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
         deadline = time.monotonic() + timeout_s
         heard = time.monotonic()
         while time.monotonic() < deadline:
+            if cancelled is not None and cancelled():
+                raise Cancelled(job_id)
             if not sock.poll(500):
                 if time.monotonic() - heard > resubmit_s:
                     # Silence: the broadcaster may have restarted. Submitting is idempotent by
