@@ -245,7 +245,7 @@ def cmd_rm(api: ApiClient, args: argparse.Namespace) -> int:
 
 
 def _print_lines(lines: list[dict]) -> int:
-    seq = -1
+    seq = 0  # log seqs start at 1; ?since=0 means "all"
     for line in lines:
         stamp = time.strftime("%H:%M:%S", time.localtime(line.get("time") or 0))
         print(f"{stamp}  {line['text']}", flush=True)
