@@ -154,15 +154,32 @@ def _fmt(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()) or "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
+
+
+def _config_fields(config: dict) -> str:
+    """The fields that differ from the task's defaults (the whole config is in --json)."""
+    from pmgd_node.config import JobConfig
+
+    try:
+        defaults = JobConfig(task=config.get("task", "parity2")).to_dict()
+    except ValueError:
+        defaults = {}
+    shown = {k: v for k, v in config.items() if k == "task" or defaults.get(k, object()) != v}
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
 
 
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # piped or captured: never truncate ids to the 80-column default
+        console = Console(highlight=False, soft_wrap=False, width=max(console.width, 160))
+    return console
 
 
 def cmd_submit(api: ApiClient, args: argparse.Namespace) -> int:
@@ -188,9 +205,10 @@ def cmd_ls(api: ApiClient, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"jobs at {api.url}", title_justify="left")
-    for name, justify in (("id", "left"), ("state", "left"), ("engine", "left"), ("task", "left"),
-                          ("tick", "right"), ("converged", "right"), ("created", "left")):
-        table.add_column(name, justify=justify, no_wrap=True)
+    for name, justify, width in (("id", "left", 12), ("state", "left", 11), ("engine", "left", 7),
+                                 ("task", "left", 7), ("tick", "right", 0), ("converged", "right", 0),
+                                 ("created", "left", 0)):
+        table.add_column(name, justify=justify, no_wrap=True, min_width=width or None)
     for job in jobs:
         table.add_row(job["id"], job["state"], job["engine"], _task(job), f"{job.get('tick') or 0:,}",
                       _converged(job), _when(job.get("created")))
@@ -217,13 +235,13 @@ def cmd_show(api: ApiClient, args: argparse.Namespace) -> int:
     if job.get("error"):
         head.add_row("error", str(job["error"]))
     config = job.get("config") or {}
-    head.add_row("config", ", ".join(f"{k}={_fmt(v)}" for k, v in config.items()))
+    head.add_row("config", _config_fields(config) + "  (other fields: defaults)")
     console.print(head)
     summary = job.get("summary")
     if summary:
         table = Table(title="summary", title_justify="left", show_header=False)
         table.add_column("metric", style="bold")
-        table.add_column("value", justify="right")
+        table.add_column("value")
         for key, value in summary.items():
             if key in ("config", "theta0", "trail"):
                 continue  # the config is above; θ⁰ and its hash are for machines (use --json)
