@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import zmq
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from . import protocol as p
 from .config import JobConfig
@@ -41,6 +42,8 @@ class NodeSettings:
     heartbeat_s: float = 0.5
     broadcaster_timeout_s: float = 3.0  # silence after which the node joins again
     resend_s: float = 0.5  # wait for a C̃ before asking the broadcaster for it directly
+    metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
+    metrics_host: str = "127.0.0.1"
 
     def with_node_id(self) -> "NodeSettings":
         """These settings, with a host-and-pid node id when none was given."""
@@ -68,6 +71,24 @@ def _check_assign(a: p.Assign, shape: tuple[int, ...]) -> None:
                          f"{a.pending_value.shape} do not match {shape[0]} runs")
 
 
+class NodeMetrics:
+    """The node's Prometheus series (served on ``metrics_port`` when set)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.ticks = Counter("pmgd_node_ticks", "ticks this node closed", registry=r)
+        self.dropped = Counter("pmgd_node_dropped_frames", "frames dropped, by reason", ["reason"], registry=r)
+        for reason in p.DROP_REASONS:  # every series from 0, so rate() sees the first drop
+            self.dropped.labels(reason)
+        # Sync: one round trip per tick (weights out, forward pass, C̃ back); async: the C̃
+        # that arrives after our weights, whatever tick it is for.
+        self.cost_wait = Histogram("pmgd_node_cost_wait_seconds", "from sending weights to hearing C̃", registry=r,
+                                   buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5))
+        self.resends = Counter("pmgd_node_resend_requests", "C̃ asked for again after resend_s", registry=r)
+        self.joins = Counter("pmgd_node_joins", "joins sent to the broadcaster", registry=r)
+        self.shard_params = Gauge("pmgd_node_shard_params", "parameters in this node's shard", registry=r)
+
+
 class NodeProcess:
     def __init__(self, settings: NodeSettings):
         self.s = settings
@@ -81,8 +102,19 @@ class NodeProcess:
             sock.connect(ep)
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
         self.dropped: dict[str, int] = {}
+        self.metrics = NodeMetrics()
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, settings.metrics_host, registry=self.metrics.registry)
         self.running = True
         self._reset_job()
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.metrics.dropped.labels(reason).inc()
+
+    def _join(self) -> None:
+        self._send_control(p.Join(self.s.node_id, os.getpid()))
+        self.metrics.joins.inc()
 
     def _reset_job(self) -> None:
         self.job = ""
@@ -139,6 +171,7 @@ class NodeProcess:
             if self.rx.close_tick(self.tick):
                 self._static_sent = False
             self.tick += 1
+            self.metrics.ticks.inc()
             if self.tick % self.config.checkpoint_every == 0:
                 self._checkpoint()
             self._send_weights()
@@ -155,7 +188,7 @@ class NodeProcess:
         try:
             return p.decode(frames)
         except p.ProtocolError as err:
-            self.dropped[err.reason] = self.dropped.get(err.reason, 0) + 1
+            self._drop(err.reason)
             return None
 
     def _on_assign(self, a: p.Assign) -> None:
@@ -167,13 +200,14 @@ class NodeProcess:
             node.restore(a.theta0, a.gradient, a.updates)
         except Exception as err:  # off the wire: never fatal. Besides ValueError, JobConfig raises
             # TypeError/AttributeError for some wrong types (fm_band: 1, task: None).
-            self.dropped["assign"] = self.dropped.get("assign", 0) + 1
+            self._drop("assign")
             print(f"pmgd node {self.s.node_id}: rejected assignment: {err!r}", file=sys.stderr, flush=True)
             return
         self._reset_job()
         self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
         self._start_tick = a.tick
         self.node = node
+        self.metrics.shard_params.set(a.stop - a.start)
         down, up = node_links(config, a.shard)
         self.rx = Receiver(node, FateTable(down))
         for arrival, tag, value in zip(a.pending_arrival, a.pending_tag, a.pending_value):
@@ -194,7 +228,7 @@ class NodeProcess:
         if self.clock is not None:  # async: correlate with the tick of the shard that was used
             if c.tags is None or c.tags.shape != (len(c.tags),) or not 0 <= self.shard < len(c.tags) \
                     or c.c_tilde.shape != (self.config.seeds,):
-                self.dropped["shape"] = self.dropped.get("shape", 0) + 1
+                self._drop("shape")
                 return
             tag = int(c.tags[self.shard])
             if not self._start_tick <= tag <= self.tick:
@@ -202,16 +236,19 @@ class NodeProcess:
                 # shard; after our tick it is impossible. Neither is ours to correlate.
                 return
             self.rx.offer(c.c_tilde, tag, self.tick, seq=c.seq)
+            self.metrics.cost_wait.observe(time.monotonic() - self._sent_at)
             return
         if c.tick != self.tick:
             return  # a duplicate of a tick already closed
         if c.c_tilde.shape != (self.config.seeds,):
-            self.dropped["shape"] = self.dropped.get("shape", 0) + 1
+            self._drop("shape")
             return
+        self.metrics.cost_wait.observe(time.monotonic() - self._sent_at)
         self.rx.offer(c.c_tilde, c.tick, self.tick)
         if self.rx.close_tick(self.tick):
             self._static_sent = False  # θ⁰ changed: the next weights carry it
         self.tick += 1
+        self.metrics.ticks.inc()
         if self.tick % self.config.checkpoint_every == 0:
             self._checkpoint()
         if not self.paused:
@@ -220,7 +257,7 @@ class NodeProcess:
     def _on_control(self, c: p.Control) -> None:
         if c.command == "rejoin":  # a restarted broadcaster re-assigns us from its checkpoint
             self._reset_job()
-            self._send_control(p.Join(self.s.node_id, os.getpid()))
+            self._join()
             return
         if c.job != self.job:
             return
@@ -243,7 +280,7 @@ class NodeProcess:
     def _receive(self, frames: list[bytes], kinds: tuple[type, ...]) -> None:
         msg = self._decode(frames)
         if msg is not None and not isinstance(msg, kinds):
-            self.dropped["unexpected"] = self.dropped.get("unexpected", 0) + 1
+            self._drop("unexpected")
             return
         self.handle(msg)
 
@@ -260,7 +297,7 @@ class NodeProcess:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.cost, zmq.POLLIN)
-        self._send_control(p.Join(self.s.node_id, os.getpid()))
+        self._join()
         last_heard = last_beat = time.monotonic()
         self._sent_at = last_heard
         while self.running:
@@ -296,12 +333,13 @@ class NodeProcess:
                 # the weights in case they were the ones lost.
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
+                self.metrics.resends.inc()
                 self._send_weights()
             if now - last_heard > self.s.broadcaster_timeout_s:
                 print(f"pmgd node {self.s.node_id}: broadcaster silent for {now - last_heard:.1f} s; joining again",
                       flush=True)
                 self._reset_job()  # the broadcaster restarts jobs from its checkpoints
-                self._send_control(p.Join(self.s.node_id, os.getpid()))
+                self._join()
                 last_heard = now
         self._send_control(p.Control(self.job, "stop", self.tick, reason="node leaving"))
         self.close()

@@ -43,6 +43,12 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a (1000 runs × 26,154 params) float64 
 _DTYPES = ("<f8", "<f4", "<i8")
 
 
+# Why a receiver drops a frame: a ProtocolError's reason, or a valid message it cannot use
+# (unexpected kind on that socket, arrays of the wrong shape, an assignment it cannot take).
+DROP_REASONS = ("arrays", "empty", "field", "header", "oversized", "truncated", "type", "version",
+                "unexpected", "shape", "assign")
+
+
 class ProtocolError(ValueError):
     """A frame that is not a valid message of this protocol version."""
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default="", help="write each process's output to LOG_DIR/<name>.log")
     up.add_argument("--remote-evaluator", action="store_true",
                     help="run the forward passes in a separate evaluator process (the chip-in-the-loop hop)")
+    up.add_argument("--no-api", dest="api", action="store_false", help="do not start the REST API")
+    up.add_argument("--db", default="pmgd.sqlite", help="the API's SQLite file")
+    up.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics from every process")
     sub.add_parser("api", help="serve the REST API and the live dashboard", add_help=False)
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
@@ -134,17 +137,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}")
     cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir,
-                           remote_evaluator=args.remote_evaluator)
+                           remote_evaluator=args.remote_evaluator, api=args.api, api_db=args.db, metrics=args.metrics)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         cluster.start()
+        cluster.wait_ready()
         for name, endpoint in cluster.endpoints.items():
             print(f"{name:>9}  {endpoint}", flush=True)
+        if cluster.api_url:
+            print(f"{'api':>9}  {cluster.api_url}  (dashboard {cluster.api_url}/dashboard)", flush=True)
+        for name, url in cluster.metrics_urls.items():
+            print(f"{'metrics':>9}  {name}: {url}", flush=True)
         print(f"broadcaster pid {cluster.broadcaster.pid}; {args.nodes} node(s) pids "
               f"{', '.join(str(p.pid) for p in cluster.nodes)}", flush=True)
-        print(f"submit with: pmgd train --engine cluster --cluster {cluster.endpoints['control']} …  (Ctrl-C stops)",
-              flush=True)
+        print(f"submit with: pmgd train --engine cluster --cluster {cluster.endpoints['control']} …"
+              + (f"  or  pmgd jobs --api {cluster.api_url} submit CONFIG --engine cluster" if cluster.api_url else "")
+              + "  (Ctrl-C stops)", flush=True)
         while not stop and all(p.poll() is None for p in cluster.processes()):
             time.sleep(0.2)
     except KeyboardInterrupt:

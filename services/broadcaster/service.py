@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 import numpy as np
 import zmq
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
@@ -49,6 +50,8 @@ class BroadcasterSettings:
     state_dir: str = ""  # where checkpoints survive a broadcaster restart ("" = memory only)
     device: str = ""  # torch device for CNN forward passes ("" = cuda if available)
     evaluator: str = ""  # cost-server endpoint for the per-tick forward passes ("" = in-process)
+    metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
+    metrics_host: str = "127.0.0.1"
 
 
 def _mean(x: np.ndarray) -> float:
@@ -57,6 +60,48 @@ def _mean(x: np.ndarray) -> float:
     if x.dtype == np.float64 and x.size:
         return float(np.add.reduce(x, axis=None)) / x.size
     return float(np.mean(x))
+
+
+class BroadcasterMetrics:
+    """The broadcaster's Prometheus series (served on ``metrics_port`` when set)."""
+
+    STATES = ("idle", "waiting", "running", "paused")
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.ticks = Counter("pmgd_broadcaster_ticks", "perturbed ticks served, all jobs", registry=r)
+        self.job_tick = Gauge("pmgd_broadcaster_job_tick", "tick of the current job", registry=r)
+        self.cost = Gauge("pmgd_broadcaster_cost", "C of the last perturbed tick, mean over runs", registry=r)
+        self.c_tilde = Gauge("pmgd_broadcaster_c_tilde", "C̃ of the last tick, mean over runs", registry=r)
+        self.gather_wait = Histogram("pmgd_broadcaster_gather_wait_seconds", "from one C̃ to the next", registry=r,
+                                     buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5))
+        self.nodes = Gauge("pmgd_broadcaster_nodes", "nodes alive", registry=r)
+        self.heartbeat_age = Gauge("pmgd_broadcaster_node_heartbeat_age_seconds", "since a node was last heard",
+                                   ["node"], registry=r)
+        self.staleness = Gauge("pmgd_broadcaster_node_staleness_ticks", "age of a shard's weights at the last tick",
+                               ["shard"], registry=r)
+        self.node_dropped = Gauge("pmgd_broadcaster_node_dropped_frames", "frames a node reports having dropped",
+                                  ["node"], registry=r)
+        self.dropped = Counter("pmgd_broadcaster_dropped_frames", "frames the broadcaster dropped, by reason",
+                               ["reason"], registry=r)
+        for reason in p.DROP_REASONS:  # every series from 0, so rate() sees the first drop
+            self.dropped.labels(reason)
+        self.checkpoints = Counter("pmgd_broadcaster_checkpoints", "job checkpoints completed", registry=r)
+        self.state = Gauge("pmgd_broadcaster_state", "1 for the broadcaster's current state", ["state"], registry=r)
+        self._labelled: set[str] = set()  # nodes with per-node series
+
+    def refresh(self, state: str, nodes: dict, now: float) -> None:
+        """Per-node and state gauges, every heartbeat check."""
+        for s in self.STATES:
+            self.state.labels(s).set(float(s == state))
+        self.nodes.set(len(nodes))
+        for gone in self._labelled - nodes.keys():  # a lost node's series end with it
+            self.heartbeat_age.remove(gone)
+            self.node_dropped.remove(gone)
+        self._labelled = set(nodes)
+        for node_id, info in nodes.items():
+            self.heartbeat_age.labels(node_id).set(now - info.last_seen)
+            self.node_dropped.labels(node_id).set(info.dropped)
 
 
 @dataclasses.dataclass
@@ -95,11 +140,15 @@ class Broadcaster:
         self._last_publish = time.monotonic()
         self._next_tick_at = 0.0  # async: when the broadcaster's clock runs the next tick
         self.results: dict[str, dict] = {}  # summaries of finished jobs, by id
+        self.metrics = BroadcasterMetrics()
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, settings.metrics_host, registry=self.metrics.registry)
         self._resume_from_disk()
 
     # --- helpers -------------------------------------------------------------------------------
     def _count(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.metrics.dropped.labels(reason).inc()
 
     def _to(self, identity: bytes, msg: p.Message) -> None:
         self.router.send_multipart([identity] + p.encode(msg), copy=False)
@@ -281,6 +330,7 @@ class Broadcaster:
         elif isinstance(msg, p.Checkpoint):
             if self.job is not None and msg.job == self.job.id:
                 if self.job.on_checkpoint(msg):
+                    self.metrics.checkpoints.inc()
                     self._save()
         elif isinstance(msg, p.Submit):
             self._submit(identity, msg)
@@ -356,13 +406,22 @@ class Broadcaster:
             self.ticks += 1
             stage = job.stage
             held = getattr(stage.extractor, "c0", None)
-            self._reports.append({
+            report = {
                 "tick": cost.tick, "cost": _mean(stage.last_cost),
                 "c0": None if held is None else _mean(held), "c_tilde": _mean(cost.c_tilde),
                 # staleness: how many ticks old each node's shard was (0 in sync mode)
                 "staleness": job.staleness(cost.tick),
                 "node_ticks": None if cost.tags is None else cost.tags.tolist(),
-                "gather_wait_s": now - self._last_publish, "dropped": self.total_dropped()})
+                "gather_wait_s": now - self._last_publish, "dropped": self.total_dropped()}
+            self._reports.append(report)
+            m = self.metrics
+            m.ticks.inc()
+            m.job_tick.set(cost.tick + 1)
+            m.cost.set(report["cost"])
+            m.c_tilde.set(report["c_tilde"])
+            m.gather_wait.observe(report["gather_wait_s"])
+            for k, age in enumerate(report["staleness"]):
+                m.staleness.labels(str(k)).set(age)
             del self._reports[:-self.MAX_REPORTS]
             self._last_publish = time.monotonic()
         if point is not None and self.client is not None:
@@ -421,6 +480,7 @@ class Broadcaster:
                 for node_id, info in list(self.nodes.items()):
                     if now - info.last_seen > self.s.heartbeat_timeout_s:
                         self._lose(node_id, f"no heartbeat for {self.s.heartbeat_timeout_s:g} s")
+                self.metrics.refresh(self.state, self.nodes, now)
         self.close()
         return 0
 

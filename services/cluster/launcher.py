@@ -1,7 +1,8 @@
 """The local launcher: a whole cluster as processes on loopback (``pmgd up``).
 
-It starts the broadcaster and N parameter nodes with exactly the commands the compose file
-runs (``pmgd broadcaster``, ``pmgd node``), on free loopback ports, and stops them all:
+It starts the broadcaster, N parameter nodes and optionally the evaluator and the REST API
+with exactly the commands the compose file runs (``pmgd broadcaster``, ``pmgd node``,
+``pmgd evaluator``, ``pmgd api``), on free loopback ports, and stops them all:
 SIGTERM first, SIGKILL after a grace period. Children also get SIGTERM from the kernel if
 the launcher itself dies (PR_SET_PDEATHSIG), so no process outlives it.
 """
@@ -36,12 +37,27 @@ class LocalCluster:
     """Broadcaster + ``nodes`` node processes; a context manager that always cleans up."""
 
     def __init__(self, nodes: int, host: str = "127.0.0.1", state_dir: str = "", heartbeat_timeout_s: float = 2.0,
-                 log_dir: str = "", env: dict | None = None, remote_evaluator: bool = False):
+                 log_dir: str = "", env: dict | None = None, remote_evaluator: bool = False, api: bool = False,
+                 api_db: str = "pmgd.sqlite", metrics: bool = False):
         ports = [free_port() for _ in range(3)]
+        self.host = host
         self.endpoints = {name: f"tcp://{host}:{port}" for name, port in zip(("control", "weights", "cost"), ports)}
         if remote_evaluator:
             self.endpoints["evaluator"] = f"tcp://{host}:{free_port()}"
+            self.evaluator_url = f"http://{host}:{free_port()}"
+        self.api_url = f"http://{host}:{free_port()}" if api else ""
+        self.api_db = api_db
+        self.metrics = metrics
+        # service name → its Prometheus endpoint (nodes get theirs as they start)
+        self.metrics_urls: dict[str, str] = {}
+        if metrics:
+            self.metrics_urls["broadcaster"] = f"http://{host}:{free_port()}/metrics"
+            if remote_evaluator:
+                self.metrics_urls["evaluator"] = self.evaluator_url + "/metrics"
+        if api:
+            self.metrics_urls["api"] = self.api_url + "/metrics"
         self.evaluator: subprocess.Popen | None = None
+        self.api: subprocess.Popen | None = None
         self.num_nodes = nodes
         self.state_dir = state_dir
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -63,33 +79,65 @@ class LocalCluster:
     def _endpoint_flags(self) -> list[str]:
         return [f"--{k}={v}" for k, v in self.endpoints.items() if k != "evaluator"]
 
+    def _metrics_flags(self, name: str) -> list[str]:
+        if not self.metrics:
+            return []
+        url = self.metrics_urls.setdefault(name, f"http://{self.host}:{free_port()}/metrics")
+        return [f"--metrics-host={self.host}", f"--metrics-port={url.rsplit(':', 1)[1].split('/')[0]}"]
+
     def start_broadcaster(self) -> subprocess.Popen:
         args = ["broadcaster", *self._endpoint_flags(), f"--heartbeat-timeout-s={self.heartbeat_timeout_s}"]
         if "evaluator" in self.endpoints:
             args.append(f"--evaluator={self.endpoints['evaluator']}")
         if self.state_dir:
             args.append(f"--state-dir={self.state_dir}")
-        self.broadcaster = self._spawn(args, "broadcaster")
+        self.broadcaster = self._spawn(args + self._metrics_flags("broadcaster"), "broadcaster")
         return self.broadcaster
 
     def start_node(self, node_id: str | None = None) -> subprocess.Popen:
         node_id = node_id or f"node-{len(self.nodes)}"
         proc = self._spawn(["node", *self._endpoint_flags(), f"--node-id={node_id}",
                             f"--heartbeat-s={self.heartbeat_timeout_s / 4:g}",
-                            f"--broadcaster-timeout-s={self.heartbeat_timeout_s * 1.5:g}"], node_id)
+                            f"--broadcaster-timeout-s={self.heartbeat_timeout_s * 1.5:g}",
+                            *self._metrics_flags(node_id)], node_id)
         self.nodes.append(proc)
         return proc
 
     def start(self) -> "LocalCluster":
         if "evaluator" in self.endpoints:
-            self.evaluator = self._spawn(["evaluator", f"--endpoint={self.endpoints['evaluator']}"], "evaluator")
+            self.evaluator = self._spawn(["evaluator", f"--endpoint={self.endpoints['evaluator']}",
+                                          f"--http-host={self.host}",
+                                          f"--http-port={self.evaluator_url.rsplit(':', 1)[1]}"], "evaluator")
         self.start_broadcaster()
         for _ in range(self.num_nodes):
             self.start_node()
+        if self.api_url:
+            args = ["api", f"--host={self.host}", f"--port={self.api_url.rsplit(':', 1)[1]}", f"--db={self.api_db}",
+                    f"--broadcaster={self.endpoints['control']}"]
+            if "evaluator" in self.endpoints:
+                args.append(f"--evaluator={self.evaluator_url}")
+            self.api = self._spawn(args, "api")
         return self
 
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the API (when started) answers /health; raise if a process died."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while self.api_url:
+            dead = [p.args for p in self.processes() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"cluster process exited early: {dead[0]}")
+            try:
+                urllib.request.urlopen(self.api_url + "/health", timeout=1).read()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the API at {self.api_url} did not come up within {timeout_s:g} s") from None
+                time.sleep(0.1)
+
     def processes(self) -> list[subprocess.Popen]:
-        return [p for p in [self.evaluator, self.broadcaster, *self.nodes] if p is not None]
+        return [p for p in [self.api, self.evaluator, self.broadcaster, *self.nodes] if p is not None]
 
     def stop(self, grace_s: float = 5.0) -> None:
         procs = [p for p in self.processes() if p.poll() is None]

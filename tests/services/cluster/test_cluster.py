@@ -1,6 +1,7 @@
 """The real cluster (broadcaster and node processes over ZeroMQ) against the in-process engine."""
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -8,11 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 
 from pmgd_node.config import JobConfig
+from services.api.jobs import FINAL
 from services.cluster.client import run_job, status
 from services.cluster.launcher import LocalCluster
 from services.engine.engine import Engine
@@ -213,17 +216,42 @@ def test_nodes_leave_cleanly_on_sigterm():
         _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 0.9, "the node to be dropped")
 
 
-def test_pmgd_up_prints_endpoints_and_stops_everything_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--nodes", "2"],
-                            stdout=subprocess.PIPE, text=True)
+def _http(method: str, url: str, body: dict | None = None):
+    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        data = r.read()
+        return data if r.headers.get("content-type") == "application/octet-stream" else json.loads(data)
+
+
+def test_pmgd_up_serves_rest_jobs_on_the_cluster_and_stops_everything_on_ctrl_c(tmp_path):
+    """End to end: `pmgd up --nodes 2`, a 2-bit parity job submitted over REST runs on the two
+    node processes, completes with metrics and a checkpoint, and Ctrl-C leaves no process."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--nodes", "2",
+                             f"--db={tmp_path / 'pmgd.sqlite'}"], stdout=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(5)]
-        control = lines[0].split()[1]
-        pids = [int(x) for x in lines[3].split("pids")[1].replace(",", " ").split()]
-        pids.append(int(lines[3].split()[2].rstrip(";")))
+        lines = []
+        while not lines or "pid" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+            assert lines[-1], f"pmgd up ended early: {lines}"
+        found = {line.split()[0]: line.split()[1] for line in lines if line.strip()}
+        control, api = found["control"], found["api"]
+        pids = [int(x) for x in lines[-1].split("pids")[1].replace(",", " ").split()]
+        pids.append(int(lines[-1].split()[2].rstrip(";")))
         _wait_for(lambda: len(status(control)["nodes"]) == 2, 30, "two nodes to join")
-        summary = run_job(JobConfig(nodes=2, max_ticks=100), control, timeout_s=60)
-        assert summary["ticks_run"] <= 100
+        assert len(_http("GET", api + "/cluster")["nodes"]) == 2
+        config = JobConfig(nodes=2, seeds=3, max_ticks=1500)
+        job = _http("POST", api + "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True})
+        _wait_for(lambda: _http("GET", f"{api}/jobs/{job['id']}")["state"] in FINAL, 120, "the job to end")
+        job = _http("GET", f"{api}/jobs/{job['id']}")
+        assert job["state"] == "finished" and job["error"] == ""
+        reference, theta0, _ = engine_reference(config)  # the cluster is bit-identical to the engine
+        assert job["summary"]["ticks_to_solution"] == reference.ticks_to_solution.tolist()
+        series = _http("GET", f"{api}/jobs/{job['id']}/metrics")["series"]
+        assert {"cost", "accuracy", "solved", "staleness.0", "staleness.1"} <= series.keys()
+        assert series["accuracy"][-1] == [reference.ticks, float(np.median(reference.final_accuracy))]
+        with np.load(io.BytesIO(_http("GET", f"{api}/jobs/{job['id']}/checkpoint"))) as z:
+            np.testing.assert_array_equal(z["theta0"], theta0)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         for pid in pids:  # no orphans
