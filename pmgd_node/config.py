@@ -91,8 +91,12 @@ class JobConfig:
     checkpoint_every: int = 1000  # cluster: ticks between θ⁰ checkpoints (fault recovery)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
+            raise ConfigError("task", f"must be one of {TASK_HELP}; got {self.task!r}")
         if not self.network:
             object.__setattr__(self, "network", _default_network(self.task))
+        if not isinstance(self.fm_band, (list, tuple)):
+            raise ConfigError("fm_band", f"must be two numbers [f_min, f_max] in cycles per tick; got {self.fm_band!r}")
         object.__setattr__(self, "fm_band", tuple(self.fm_band))
         _validate(self)
 

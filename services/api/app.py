@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hmac
 import os
+import signal
 import sys
 import threading
 import time
@@ -388,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     print(f"pmgd api: http://{settings.host}:{settings.port} (db {settings.db}, "
           f"cluster {settings.broadcaster or 'none'}, token {'set' if settings.token else 'none'})", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (jobs checkpoint, see Jobs.shutdown) and
+    # then re-raises the signal to the handler it found: make that one return, so we exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 

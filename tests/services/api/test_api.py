@@ -1,0 +1,251 @@
+"""The REST API through real HTTP against `pmgd api` (uvicorn) processes, with a real SQLite file."""
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from pmgd_node.config import JobConfig
+from services.api.jobs import FINAL
+from services.cluster.launcher import LocalCluster, free_port
+from services.engine.engine import Engine
+
+
+class Api:
+    """A `pmgd api` process and a tiny client for it."""
+
+    def __init__(self, db, *flags: str, token: str = ""):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.token = token
+        port = self.url.rsplit(":", 1)[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "api", f"--port={port}", f"--db={db}",
+                                      *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.call("GET", "/health")
+                return
+            except urllib.error.URLError:
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the API did not come up"
+                time.sleep(0.1)
+
+    def call(self, method: str, path: str, body=None, token: str | None = None, raw: bytes | None = None):
+        """(status, decoded body); an HTTP error status is returned, not raised."""
+        headers = {"content-type": "application/json"}
+        token = self.token if token is None else token
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, ctype, payload = r.status, r.headers.get("content-type", ""), r.read()
+        except urllib.error.HTTPError as err:
+            status, ctype, payload = err.code, err.headers.get("content-type", ""), err.read()
+        if ctype.startswith("application/json"):
+            return status, json.loads(payload)
+        return status, payload
+
+    def ok(self, method: str, path: str, body=None, expect: int = 200):
+        status, data = self.call(method, path, body)
+        assert status == expect, (status, data)
+        return data
+
+    def wait_state(self, job: str, states, timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            got = self.ok("GET", f"/jobs/{job}")
+            if got["state"] in states:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"job {job} did not reach {states}; it is {got['state']}")
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def api(tmp_path):
+    server = Api(tmp_path / "pmgd.sqlite")
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def _theta(data: bytes) -> np.ndarray:
+    with np.load(io.BytesIO(data)) as z:
+        return np.array(z["theta0"])
+
+
+def test_local_job_lifecycle_and_result_match_the_engine(api):
+    config = JobConfig(seeds=4, max_ticks=2000, seed=3)
+    job = api.ok("POST", "/jobs", {"config": config.to_dict(), "angle": True}, expect=201)
+    assert job["state"] == "created" and job["engine"] == "local" and job["options"] == {"angle": True}
+    assert [j["id"] for j in api.ok("GET", "/jobs")] == [job["id"]]
+    assert api.call("GET", f"/jobs/{job['id']}/checkpoint")[0] == 404  # nothing trained yet
+    api.ok("POST", f"/jobs/{job['id']}/start")
+    done = api.wait_state(job["id"], FINAL)
+    assert done["state"] == "finished" and done["tick"] == 2000
+    reference = Engine(config)
+    result = reference.run()
+    assert done["summary"]["ticks_to_solution"] == result.ticks_to_solution.tolist()
+    np.testing.assert_array_equal(_theta(api.ok("GET", f"/jobs/{job['id']}/checkpoint")), reference.theta0)
+    series = api.ok("GET", f"/jobs/{job['id']}/metrics")["series"]
+    assert [t for t, _ in series["cost"]] == [p.tick for p in result.history]  # every evaluation
+    assert [v for _, v in series["accuracy"]] == [float(np.median(p.accuracy)) for p in result.history]
+    assert series["angle"] and all(0 <= v <= 180 for _, v in series["angle"])
+    late = api.ok("GET", f"/jobs/{job['id']}/metrics?since=1990&names=cost")["series"]
+    assert late == {"cost": [[2000, series["cost"][-1][1]]]}
+    lines = [entry["text"] for entry in api.ok("GET", f"/jobs/{job['id']}/logs")["lines"]]
+    assert lines[0] == "created" and lines[1] == "started" and lines[-1].startswith("finished:")
+    assert api.call("POST", f"/jobs/{job['id']}/pause")[0] == 409  # finished jobs do not pause
+    assert api.call("DELETE", f"/jobs/{job['id']}")[0] == 204
+    assert api.call("GET", f"/jobs/{job['id']}")[0] == 404
+
+
+def test_pause_resume_and_stop_a_local_job(api):
+    config = JobConfig(seeds=2, max_ticks=10_000_000, target_accuracy=None)
+    job = api.ok("POST", "/jobs", {"config": config.to_dict(), "start": True}, expect=201)["id"]
+    assert api.wait_state(job, ["running"])
+    paused = api.ok("POST", f"/jobs/{job}/pause")
+    assert paused["state"] == "paused"
+    time.sleep(0.5)  # the run waits at its next evaluation: its tick stands still
+    first = api.ok("GET", f"/jobs/{job}")["tick"]
+    time.sleep(0.6)
+    assert api.ok("GET", f"/jobs/{job}")["tick"] == first
+    assert api.call("DELETE", f"/jobs/{job}")[0] == 409  # not while active
+    assert api.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
+    time.sleep(0.8)
+    assert api.ok("GET", f"/jobs/{job}")["tick"] > first
+    stopped = api.ok("POST", f"/jobs/{job}/stop")
+    assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= first
+    assert api.call("POST", f"/jobs/{job}/resume")[0] == 409
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"config": {"task": "parity99"}}, "task"),
+    ({"config": {"seeds": 0}}, "seeds"),
+    ({"config": {"seeds": "many"}}, "seeds"),
+    ({"config": {"eta": -1}}, "eta"),
+    ({"config": {"perturbation": "xx"}}, "perturbation"),
+    ({"config": {"fm_band": 1}}, "fm_band"),
+    ({"config": {"no_such_field": 1}}, "no_such_field"),
+    ({"config": {}, "engine": "gpu"}, "engine"),
+    ({"config": {}, "engine": "cluster", "angle": True}, "angle"),
+    ({"config": {}, "start": "soon"}, "start"),
+    ({}, "config"),
+    ({"config": {}, "extra": 1}, "extra"),
+])
+def test_invalid_jobs_are_rejected_with_4xx_naming_the_field(api, body, field):
+    status, data = api.call("POST", "/jobs", body)
+    assert 400 <= status < 500, (status, data)
+    assert field in json.dumps(data["detail"]), data
+    assert api.ok("GET", "/jobs") == []  # nothing half-made
+
+
+def test_bad_requests_answer_4xx(api):
+    assert api.call("POST", "/jobs", raw=b"{not json")[0] == 422
+    assert api.call("GET", "/jobs/nope")[0] == 404
+    assert api.call("POST", "/jobs/nope/start")[0] == 404
+    assert api.call("GET", "/jobs?state=melted")[0] == 422
+    job = api.ok("POST", "/jobs", {"config": {}}, expect=201)["id"]
+    assert api.call("GET", f"/jobs/{job}/metrics?since=x")[0] == 422
+    status, data = api.call("POST", "/jobs", {"config": {}, "engine": "cluster", "start": True})
+    assert status == 409 and "cluster" in data["detail"]  # this API has no broadcaster
+    assert [j["id"] for j in api.ok("GET", "/jobs")] == [job]
+
+
+def test_token_guards_mutations_but_not_reads(tmp_path):
+    server = Api(tmp_path / "t.sqlite", "--token=s3cret", token="s3cret")
+    try:
+        body = {"config": {"max_ticks": 10}}
+        for token in ("", "wrong"):
+            status, data = server.call("POST", "/jobs", body, token=token)
+            assert status == 401 and "authorization" in data["detail"]
+        job = server.ok("POST", "/jobs", body, expect=201)["id"]
+        assert server.call("POST", f"/jobs/{job}/start", token="wrong")[0] == 401
+        assert server.call("DELETE", f"/jobs/{job}", token="")[0] == 401
+        assert server.call("GET", f"/jobs/{job}", token="")[0] == 200  # reads stay open
+        assert server.call("GET", "/jobs", token="")[0] == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_api_restart_mid_job_keeps_the_job_and_resumes_it_exactly(tmp_path):
+    """Killed (SIGKILL) and stopped (SIGTERM) mid-job: the job, its metrics and checkpoint
+    survive, it is 'interrupted', and resuming finishes it with the engine's exact θ⁰."""
+    db = tmp_path / "pmgd.sqlite"
+    config = JobConfig(seeds=8, max_ticks=60_000, target_accuracy=None, seed=11)
+    server = Api(db)
+    job = server.ok("POST", "/jobs", {"config": config.to_dict(), "start": True}, expect=201)["id"]
+    deadline = time.monotonic() + 60
+    while server.call("GET", f"/jobs/{job}/checkpoint")[0] != 200:  # one checkpoint on disk
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    before = server.ok("GET", f"/jobs/{job}/metrics")["series"]
+    assert before["cost"] and server.ok("GET", f"/jobs/{job}")["state"] == "running"
+    server.proc.kill()
+    server.proc.wait()
+
+    server = Api(db)
+    got = server.ok("GET", f"/jobs/{job}")
+    assert got["state"] == "interrupted" and "stopped" in got["error"]
+    after = server.ok("GET", f"/jobs/{job}/metrics")["series"]
+    assert after["cost"][: len(before["cost"])] == before["cost"]
+    assert server.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
+    time.sleep(1.0)
+    assert server.stop() == 0  # a graceful stop checkpoints the job and marks it interrupted
+    server = Api(db)
+    assert server.ok("GET", f"/jobs/{job}")["state"] == "interrupted"
+    lines = [e["text"] for e in server.ok("GET", f"/jobs/{job}/logs")["lines"]]
+    assert lines[-1].startswith("interrupted: 0/8 runs converged")  # the run itself ended, not recover()
+    server.ok("POST", f"/jobs/{job}/resume")
+    done = server.wait_state(job, FINAL, timeout_s=120)
+    assert done["state"] == "finished" and done["tick"] == config.max_ticks
+    lines = [e["text"] for e in server.ok("GET", f"/jobs/{job}/logs")["lines"]]
+    assert sum(text.startswith("resumed from the checkpoint") for text in lines) == 2
+    reference = Engine(config)
+    reference.run()
+    np.testing.assert_array_equal(_theta(server.ok("GET", f"/jobs/{job}/checkpoint")), reference.theta0)
+    server.stop()
+
+
+@pytest.mark.slow
+def test_cluster_job_lifecycle_over_rest(tmp_path):
+    with LocalCluster(2, api=True, api_db=str(tmp_path / "c.sqlite")) as cluster:
+        cluster.wait_ready()
+        api = Api.__new__(Api)
+        api.url, api.token = cluster.api_url, ""
+        deadline = time.monotonic() + 30
+        while len(api.ok("GET", "/cluster")["nodes"]) < 2:
+            assert time.monotonic() < deadline, "nodes did not join"
+            time.sleep(0.1)
+        config = JobConfig(nodes=2, seeds=2, max_ticks=10_000_000, target_accuracy=None, checkpoint_every=100)
+        job = api.ok("POST", "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True},
+                     expect=201)["id"]
+        assert api.call("POST", "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True})[0] == 409
+        deadline = time.monotonic() + 30
+        while api.ok("GET", f"/jobs/{job}")["tick"] < 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert api.ok("POST", f"/jobs/{job}/pause")["state"] == "paused"
+        time.sleep(0.3)
+        assert api.ok("GET", "/cluster")["state"] == "paused"
+        assert api.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
+        time.sleep(0.5)
+        assert api.ok("GET", "/cluster")["state"] == "running"
+        stopped = api.ok("POST", f"/jobs/{job}/stop")
+        assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= 300
+        assert api.ok("GET", "/cluster")["state"] == "idle"
+        tick = int(np.load(io.BytesIO(api.ok("GET", f"/jobs/{job}/checkpoint")))["tick"])
+        assert tick == stopped["summary"]["ticks_run"]
