@@ -6,12 +6,22 @@ server (``pmgd evaluator``) runs the very same model code on its own copy of the
 answers C per run (``CostReply``). This is the chip-in-the-loop hop of DESIGN §2: its
 latency becomes part of every tick, while the trajectory stays bit-identical (same code,
 same numbers). The server keeps one model and data set per job, loaded on first use.
+
+``pmgd evaluator`` also serves held-out scoring over HTTP (:mod:`.service`: ``/evaluate``,
+``/health``, ``/metrics``) on ``http_host:http_port``: the cost server then runs in a
+background thread and uvicorn in the main thread; SIGTERM/SIGINT stop both. With
+``http_port`` 0, or when that port cannot be bound (a warning says so), it serves the cost hop
+alone, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import socket
 import sys
+import threading
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -66,11 +76,18 @@ class EvaluatorSettings:
     endpoint: str = "tcp://127.0.0.1:5560"
     device: str = ""  # torch device for the CNNs ("" = cuda if available)
     max_jobs: int = 4  # models and data sets kept loaded
+    http_host: str = "127.0.0.1"  # inference service (HTTP) address
+    http_port: int = 8001  # 0 = no HTTP, the cost hop alone
+    data_dir: str = ""  # data sets for HTTP requests that name none
 
 
 class CostServer:
-    def __init__(self, settings: EvaluatorSettings):
+    """ROUTER socket answering ``CostRequest`` with ``CostReply``; ``on_answer()`` is called
+    after every reply sent (the HTTP service counts them into its metrics)."""
+
+    def __init__(self, settings: EvaluatorSettings, on_answer: Callable[[], None] | None = None):
         self.s = settings
+        self.on_answer = on_answer
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -122,15 +139,78 @@ class CostServer:
                 self.dropped["unexpected"] = self.dropped.get("unexpected", 0) + 1
                 continue
             self.sock.send_multipart([frames[0]] + p.encode(self.answer(msg)), copy=False)
+            if self.on_answer is not None:
+                self.on_answer()
         self.sock.close(linger=0)
         self.ctx.term()
         return 0
 
 
+def _bind_http(host: str, port: int) -> socket.socket | None:
+    """A listening TCP socket on ``host:port``, or None (with a warning) when it cannot be bound."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        return sock
+    except OSError as err:
+        print(f"pmgd evaluator: WARNING: cannot bind the HTTP inference service to {host}:{port} ({err}); "
+              f"serving the cost hop alone (choose another port with --http-port, 0 to disable HTTP)",
+              file=sys.stderr, flush=True)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = parse(EvaluatorSettings, "PMGD_EVALUATOR_", "pmgd evaluator", "serve forward passes to a broadcaster",
-                     argv)
-    return serve(CostServer(settings))
+    settings = parse(EvaluatorSettings, "PMGD_EVALUATOR_", "pmgd evaluator",
+                     "serve forward passes to a broadcaster (ZeroMQ) and held-out scoring over HTTP", argv)
+    if settings.http_port < 0 or settings.http_port > 65535:
+        raise SystemExit(f"PMGD_EVALUATOR_HTTP_PORT must be in [0, 65535] (0 = no HTTP); got {settings.http_port}")
+    http = _bind_http(settings.http_host, settings.http_port) if settings.http_port else None
+    if http is None:
+        return serve(CostServer(settings))
+
+    import uvicorn
+
+    from .service import create_app
+
+    try:
+        app = create_app(settings)
+    except ValueError as err:
+        http.close()
+        raise SystemExit(f"pmgd evaluator: {err}") from None
+    server = CostServer(settings, on_answer=app.state.metrics.cost_answered)
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+
+    def leave(signum, frame):
+        server.running = False
+        web.should_exit = True
+
+    # uvicorn swaps in its own handlers while it serves and re-raises the signal to these after.
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+    host, port = http.getsockname()[:2]
+    print(f"pmgd evaluator: inference service on http://{host}:{port} (device {app.state.device})", flush=True)
+    failed = []
+
+    def cost_loop():
+        try:
+            server.run()
+        except BaseException as err:  # the hop is gone: take the HTTP side down too, and say why
+            failed.append(err)
+            print(f"pmgd evaluator: cost server failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        finally:
+            web.should_exit = True
+
+    costs = threading.Thread(target=cost_loop, name="cost-server", daemon=True)
+    costs.start()
+    try:
+        web.run(sockets=[http])
+    finally:
+        server.running = False
+        costs.join(timeout=5)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
