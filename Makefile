@@ -8,7 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup train test bench clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +25,13 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(BIN)/pmgd train --task parity2 --perturbation rcm --seeds 100 --json out/parity2-rcm.json
 
-test: $(STAMP)
+# The dashboard's browser test needs Debian's headless Chromium: installed here (as root, or
+# through sudo) when missing, never skipped.
+browser:
+	@test -x $(CHROMIUM) || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
