@@ -81,6 +81,13 @@ def api(tmp_path):
         server.stop()
 
 
+def _parity2():
+    from services.evaluator.data import parity
+
+    d = parity(2)
+    return d.x, d.y
+
+
 def _theta(data: bytes) -> np.ndarray:
     with np.load(io.BytesIO(data)) as z:
         return np.array(z["theta0"])
@@ -105,6 +112,10 @@ def test_local_job_lifecycle_and_result_match_the_engine(api):
     assert series["angle"] and all(0 <= v <= 180 for _, v in series["angle"])
     late = api.ok("GET", f"/jobs/{job['id']}/metrics?since=1990&names=cost")["series"]
     assert late == {"cost": [[2000, series["cost"][-1][1]]]}
+    report = api.ok("POST", f"/jobs/{job['id']}/evaluate", {"split": "train", "run": 1})  # in-process scoring
+    assert report["accuracy"] == result.final_accuracy[1] and report["samples"] == 4 and report["device"] == "cpu"
+    assert np.sum(report["confusion"]) == 4 and report["tick"] == 2000
+    assert api.call("POST", f"/jobs/{job['id']}/evaluate", {"run": 4})[0] == 422  # 4 runs: 0…3
     lines = [entry["text"] for entry in api.ok("GET", f"/jobs/{job['id']}/logs")["lines"]]
     assert lines[0] == "created" and lines[1] == "started" and lines[-1].startswith("finished:")
     assert api.call("POST", f"/jobs/{job['id']}/pause")[0] == 409  # finished jobs do not pause
@@ -221,8 +232,8 @@ def test_api_restart_mid_job_keeps_the_job_and_resumes_it_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_cluster_job_lifecycle_over_rest(tmp_path):
-    with LocalCluster(2, api=True, api_db=str(tmp_path / "c.sqlite")) as cluster:
+def test_cluster_job_lifecycle_over_rest_and_remote_scoring(tmp_path):
+    with LocalCluster(2, api=True, api_db=str(tmp_path / "c.sqlite"), remote_evaluator=True) as cluster:
         cluster.wait_ready()
         api = Api.__new__(Api)
         api.url, api.token = cluster.api_url, ""
@@ -247,5 +258,10 @@ def test_cluster_job_lifecycle_over_rest(tmp_path):
         stopped = api.ok("POST", f"/jobs/{job}/stop")
         assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= 300
         assert api.ok("GET", "/cluster")["state"] == "idle"
-        tick = int(np.load(io.BytesIO(api.ok("GET", f"/jobs/{job}/checkpoint")))["tick"])
-        assert tick == stopped["summary"]["ticks_run"]
+        data = api.ok("GET", f"/jobs/{job}/checkpoint")
+        assert int(np.load(io.BytesIO(data))["tick"]) == stopped["summary"]["ticks_run"]
+        report = api.ok("POST", f"/jobs/{job}/evaluate", {"split": "train", "run": 1})  # by the evaluator service
+        assert report["device"] == "cpu" and report["num_params"] == 9 and report["images_per_second"] > 0
+        model = Engine(config).model
+        batch = model.prepare(*_parity2())
+        assert report["accuracy"] == model.accuracy(_theta(data)[1:2], batch)[0]
