@@ -134,11 +134,11 @@ class Jobs:
                 raise HTTPException(409, "engine: this API has no cluster (start it with --broadcaster ENDPOINT)")
             if any(isinstance(r, ClusterRun) for r in active):
                 raise HTTPException(409, "engine: the cluster runs one job at a time and is busy")
-            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed)
+            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.s.evaluator)
         else:
             if sum(isinstance(r, LocalRun) for r in active) >= self.s.max_local_jobs:
                 raise HTTPException(409, f"engine: {self.s.max_local_jobs} local jobs are running already")
-            run = LocalRun(self.store, job, self.metrics.job_flushed)
+            run = LocalRun(self.store, job, self.metrics.job_flushed, self.s.evaluator)
         run.set_state("running", "started" if job["state"] == "created" else "resuming")
         self.runs[job["id"]] = run
         run.start()

@@ -12,6 +12,8 @@ transaction:
                          step −Δθ⁰ since the previous evaluation and the true gradient
                          ∇C(θ⁰) of the evaluation set there, median over runs
     staleness.<k>, dropped   (cluster) ticks of age of shard k's weights; frames dropped
+    heldout_accuracy, heldout_loss   (with an evaluator service) run 0's checkpoint scored by
+                         the evaluator on the task's test split, at most one request at a time
 
 and, for local jobs, a checkpoint (θ⁰ plus the state resuming needs) at most every
 ``CHECKPOINT_S`` seconds and at the end. Cluster checkpoints are the broadcaster's.
@@ -89,8 +91,11 @@ class _Recorder:
 class Run(threading.Thread):
     """One active job. ``state`` follows the store's; the thread ends in a final state."""
 
-    def __init__(self, store: Store, job: dict, on_flush: Callable[[str, dict], None] | None = None):
+    def __init__(self, store: Store, job: dict, on_flush: Callable[[str, dict], None] | None = None,
+                 evaluator: str = ""):
         super().__init__(name=f"job-{job['id']}", daemon=True)
+        self.evaluator = evaluator
+        self._scoring: threading.Thread | None = None
         self.store, self.id = store, job["id"]
         self.config = JobConfig.from_dict(job["config"])
         self.options = job["options"]
@@ -98,6 +103,30 @@ class Run(threading.Thread):
         self._resume = threading.Event()
         self._resume.set()
         self.halt: str = ""  # "stopped" or "interrupted" once asked to end early
+
+    def held_out(self, tick: int, npz: bytes) -> None:
+        """Have the evaluator service score this checkpoint, unless it is still busy with one."""
+        if not self.evaluator or (self._scoring is not None and self._scoring.is_alive()):
+            return
+        self._scoring = threading.Thread(target=self._score, args=(tick, npz), daemon=True)
+        self._scoring.start()
+
+    def _score(self, tick: int, npz: bytes) -> None:
+        import httpx
+
+        params = {"task": self.config.task, "network": self.config.network, "split": "test",
+                  "data_dir": self.config.data_dir}
+        try:
+            r = httpx.post(self.evaluator.rstrip("/") + "/evaluate/checkpoint", params=params, content=npz, timeout=600)
+            r.raise_for_status()
+            report = r.json()
+        except (httpx.HTTPError, ValueError) as err:
+            self.store.log(self.id, f"held-out scoring at tick {tick} failed: {err}")
+            return
+        values = {"heldout_accuracy": report["accuracy"]}
+        if report.get("loss") is not None:
+            values["heldout_loss"] = report["loss"]
+        self.store.add_metrics(self.id, tick, values)
 
     def set_state(self, state: str, text: str, **kw) -> None:
         self.store.set_state(self.id, state, **kw)
@@ -165,8 +194,11 @@ class LocalRun(Run):
 
     def _checkpoint(self) -> None:
         snap = self.engine.snapshot()
-        self.store.save_checkpoint(self.id, int(snap.pop("tick")), snap.pop("theta0"), **snap)
+        tick = int(snap.pop("tick"))
+        self.store.save_checkpoint(self.id, tick, snap.pop("theta0"), **snap)
         self._checkpointed = time.monotonic()
+        if self.evaluator:
+            self.held_out(tick, self.store.checkpoint(self.id)[1])
 
     def _on_eval(self, point, solved: np.ndarray) -> None:
         values = {"cost": float(np.median(point.cost)), "accuracy": float(np.median(point.accuracy)),
@@ -195,8 +227,8 @@ class LocalRun(Run):
 class ClusterRun(Run):
     """The job on a cluster: submitted to the broadcaster at ``control``; re-attaches by job id."""
 
-    def __init__(self, store: Store, job: dict, control: str, on_flush=None):
-        super().__init__(store, job, on_flush)
+    def __init__(self, store: Store, job: dict, control: str, on_flush=None, evaluator: str = ""):
+        super().__init__(store, job, on_flush, evaluator)
         self.control = control
 
     def _send(self, command: str) -> None:
@@ -251,5 +283,7 @@ class ClusterRun(Run):
         ck = d.get("checkpoint")
         if ck is not None:
             self.store.save_checkpoint(self.id, ck["tick"], np.asarray(ck["theta0"]))
+            if self.evaluator:
+                self.held_out(ck["tick"], self.store.checkpoint(self.id)[1])
         self.rec.add(tick, values)
         self.rec.log_every(lambda: progress_line(tick, d["cost"], d["accuracy"], d["solved"], len(d["cost"])))

@@ -258,6 +258,8 @@ def test_cluster_job_lifecycle_over_rest_and_remote_scoring(tmp_path):
         stopped = api.ok("POST", f"/jobs/{job}/stop")
         assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= 300
         assert api.ok("GET", "/cluster")["state"] == "idle"
+        heldout = api.ok("GET", f"/jobs/{job}/metrics?names=heldout_accuracy")["series"]["heldout_accuracy"]
+        assert heldout and all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for _, v in heldout)  # scored by the evaluator
         data = api.ok("GET", f"/jobs/{job}/checkpoint")
         assert int(np.load(io.BytesIO(data))["tick"]) == stopped["summary"]["ticks_run"]
         report = api.ok("POST", f"/jobs/{job}/evaluate", {"split": "train", "run": 1})  # by the evaluator service
