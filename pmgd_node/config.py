@@ -89,6 +89,11 @@ class JobConfig:
     node_links: dict = field(default_factory=dict)  # {"<node index>": {link field: value}} overrides
     tick_period: float = 0.0  # τ_p of the cluster in seconds (0: as fast as the links allow; async needs > 0)
     checkpoint_every: int = 1000  # cluster: ticks between θ⁰ checkpoints (fault recovery)
+    compensation: int = 0  # untagged: nodes correlate C̃ with θ̃[now − compensation] (a known delay)
+    # --- hardware imperfections (pmgd_node/imperfections.py), all seeded ---
+    cost_noise: float = 0.0  # σ of Gaussian read-out noise on every measured cost
+    update_noise: float = 0.0  # σ of Gaussian noise added to every weight update
+    device_variation: float = 0.0  # σ of the fixed per-parameter perturbation and update gains (1 ± σ)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
@@ -238,6 +243,10 @@ def _validate(c: JobConfig) -> None:
         raise ConfigError("timing", "async clocks are modelled for discrete mode; use timing 'sync' with mode 'analog'")
     _float_range("tick_period", c.tick_period, 0.0, 60.0, lo_open=False)
     _int_range("checkpoint_every", c.checkpoint_every, 1)
+    _int_range("compensation", c.compensation, 0, 1_000_000)
+    _float_range("cost_noise", c.cost_noise, 0.0, 1e3, lo_open=False)
+    _float_range("update_noise", c.update_noise, 0.0, 1e3, lo_open=False)
+    _float_range("device_variation", c.device_variation, 0.0, 1.0, lo_open=False)
 
 
 def _validate_link(prefix: str, values: dict[str, Any]) -> None:

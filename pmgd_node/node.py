@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import imperfections
 from .config import JobConfig
 from .integrator import make_integrator
 from .perturbation import Perturbation, make_perturbation
@@ -56,6 +57,14 @@ class ParameterNode:
         self._block_buf = np.empty((BLOCK,) + theta0.shape, dtype=theta0.dtype)
         self._eps = np.empty_like(theta0)
         self._tau_theta = config.tau_theta
+        self._compensation = config.compensation
+        self._seeds, self._num_params = seeds, num_params
+        self._update_noise = config.update_noise
+        # Device-to-device variation: fixed gains of this shard's perturbations and updates.
+        self._amp_gain = self._update_gain = None
+        if config.device_variation:
+            a, u = imperfections.device_gains(seeds, start, stop, config.device_variation)
+            self._amp_gain, self._update_gain = a.astype(theta0.dtype), u.astype(theta0.dtype)
         self.updates = 0
 
     @property
@@ -77,6 +86,8 @@ class ParameterNode:
             else:
                 buf = self._block_buf if not self._blocks else np.empty_like(self._block_buf)
             block = self._blocks[t0] = self.perturbation.block(t0, BLOCK, self.start, self.stop, out=buf)
+            if self._amp_gain is not None:
+                block *= self._amp_gain
         return block[tick - t0]
 
     def effective_weights(self, tick: int) -> np.ndarray:
@@ -91,9 +102,13 @@ class ParameterNode:
 
         Tagged correlation uses k = tag, the perturbation that produced this C̃; untagged
         uses k = now, whatever the node applies when the value arrives (a plain analog
-        multiplier). Without delay both are the same. ``c_tilde`` has one value per run, (S,).
+        multiplier), or k = now − ``compensation`` when the node knows the delay (for FM this
+        is phase compensation: the product keeps cos 2πf·(d − compensation) of the gradient).
+        Without delay all are the same. ``c_tilde`` has one value per run, (S,).
         """
-        k = tag if self._tagged else now
+        k = tag if self._tagged else now - self._compensation
+        if k < 0:
+            return  # nothing was perturbed that long ago
         c = np.asarray(c_tilde, dtype=self.theta0.dtype)[:, None]
         eps = np.multiply(c, self.perturbation_at(k), out=self._eps)
         eps *= self._inv_power
@@ -104,7 +119,13 @@ class ParameterNode:
         if not (self._analog or (tick + 1) % self._tau_theta == 0):
             return False
         # ε's buffer is free between ticks: it takes η·G (the same product as a fresh array would).
-        self.theta0 -= np.multiply(self._eta, self.integrator.g, out=self._eps)
+        step = np.multiply(self._eta, self.integrator.g, out=self._eps)
+        if self._update_gain is not None:
+            step *= self._update_gain
+        self.theta0 -= step
+        if self._update_noise:
+            self.theta0 += imperfections.update_noise(self._seeds, tick, self.start, self.stop, self._num_params,
+                                                      self._update_noise).astype(self.theta0.dtype)
         self.integrator.after_update()
         self.updates += 1
         return True

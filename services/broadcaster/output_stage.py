@@ -18,6 +18,7 @@ import numpy as np
 
 from pmgd_node.config import JobConfig
 from pmgd_node.cost_variation import HighPass, SampleAndHold
+from pmgd_node import imperfections
 from pmgd_node.perturbation import seeded_uniform
 
 _ORDER_STREAM = 0x44415441  # "DATA"
@@ -77,9 +78,13 @@ class OutputStage:
         self._prepared: dict[bytes, object] = {}
         self.c0_measurements = 0
         self.last_cost = None  # C of the last perturbed tick, per run (reports)
+        self._seeds = config.seed + np.arange(config.seeds)
+        self._tick = 0
+        self._noise_t0, self._noise = -1, None
 
     def begin_tick(self, tick: int) -> None:
         """Present the input of this tick; mark C₀ stale if the input or θ⁰ changed."""
+        self._tick = tick
         if tick % self._tau_x == 0 or self.batch is None:
             idx = self.schedule.indices(tick // self._tau_x)
             self.batch = self._prepare(idx)
@@ -99,10 +104,16 @@ class OutputStage:
             batch = self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
         return batch
 
-    def _cost(self, theta: np.ndarray) -> np.ndarray:
-        if self.remote is not None:
-            return self.remote.cost(theta, self.batch)
-        return self.model.cost(theta, self.batch)
+    def _cost(self, theta: np.ndarray, kind: int) -> np.ndarray:
+        """C of every run on the current input; ``kind`` 0 = C₀, 1 = C (seeds the read-out noise)."""
+        cost = self.remote.cost(theta, self.batch) if self.remote is not None else self.model.cost(theta, self.batch)
+        if self.config.cost_noise:
+            t0 = self._tick - self._tick % 64  # drawn 64 ticks at a time
+            if self._noise_t0 != t0:
+                self._noise = imperfections.cost_noise(self._seeds, t0, 64, self.config.cost_noise)
+                self._noise_t0 = t0
+            cost = cost + self._noise[:, self._tick - t0, kind]
+        return cost
 
     def snapshot(self) -> dict:
         """The stage's state at a tick boundary as plain data (checkpoints, broadcaster restarts)."""
@@ -131,11 +142,11 @@ class OutputStage:
 
     def measure_c0(self, theta0: np.ndarray) -> None:
         """Sample-and-hold C₀ = C(θ⁰) on the current input (one unperturbed tick)."""
-        self.extractor.hold(self._cost(theta0))
+        self.extractor.hold(self._cost(theta0, 0))
         self.c0_measurements += 1
         self._c0_stale = False
 
     def cost_variation(self, theta: np.ndarray) -> np.ndarray:
         """C̃ for the effective weights θ = θ⁰ + θ̃ of this tick, one value per run."""
-        self.last_cost = self._cost(theta)
+        self.last_cost = self._cost(theta, 1)
         return self.extractor.variation(self.last_cost)

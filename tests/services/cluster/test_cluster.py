@@ -79,6 +79,13 @@ def test_link_models_apply_identically_on_the_cluster(cluster):
     _assert_identical(summary, config)
 
 
+def test_imperfections_and_compensation_apply_identically_on_the_cluster(cluster):
+    config = JobConfig(nodes=3, seeds=2, max_ticks=300, cost_noise=0.01, update_noise=0.002, device_variation=0.2,
+                       correlation="untagged", delay=1, compensation=1, seed=4)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _assert_identical(summary, config)
+
+
 def test_bad_job_is_refused_with_the_field_named(cluster):
     from services.cluster.client import JobFailed
 
