@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
+    study = sub.add_parser("study", help="run a study sweep into CSV, JSON and figures (resumable)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    study.add_argument("name", help="fig2, fig4, fig5, table1, latency, jitter, drop, drift or noise")
+    study.add_argument("--out", required=True, help="output folder (an interrupted study resumes from it)")
+    study.add_argument("--config", help="JSON or TOML file of study parameters (flags override it)")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="PARAM=VALUE",
+                       help="set one study parameter (JSON value), e.g. --set delays=[0,1,2]")
+    study.add_argument("--seeds", type=int, help="random initialisations per point")
+    study.add_argument("--engine", choices=["local", "cluster"], default="local",
+                       help="local: the in-process engine; cluster: a local cluster of node processes")
+    study.add_argument("--cluster-nodes", type=int, default=2, help="node processes of the cluster engine")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
     up = sub.add_parser("up", help="start a local cluster (broadcaster + N nodes) until Ctrl-C")
     up.add_argument("--nodes", type=int, default=2, help="parameter-node processes")
     up.add_argument("--state-dir", default="", help="broadcaster checkpoints survive restarts here")
@@ -126,6 +138,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
     return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from services import studies
+    from services.studies.sweep import resolve_params, run_study
+
+    study = studies.get(args.name)
+    given: dict = {}
+    if args.config:
+        given.update(_load_mapping(args.config))
+    for item in args.overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("set", f"must be PARAM=VALUE; got {item!r}")
+        given[name.strip().replace("-", "_")] = value
+    if args.seeds is not None:
+        given["seeds"] = args.seeds
+    params = resolve_params(study, given)
+    console = Console(stderr=True)
+    summary = run_study(study, params, args.out, engine=args.engine, progress=not args.quiet, console=console,
+                        cluster_nodes=args.cluster_nodes)
+    console.print(f"{study.name}: {summary['runs']} runs in {summary['points']} points → {args.out} "
+                  f"(runs.csv, summary.json, {', '.join(summary['figures']) or 'no figures'})")
+    return 0
+
+
+def _load_mapping(path: str) -> dict:
+    if path.endswith(".toml"):
+        import tomllib
+
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of study parameters")
+    return data
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -189,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "up":
             return cmd_up(args)
+        if args.command == "study":
+            return cmd_study(args)
     except ConfigError as err:
         parser.exit(2, f"pmgd: error: {err}\n")
     except (FileNotFoundError, RuntimeError) as err:

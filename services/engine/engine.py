@@ -204,6 +204,8 @@ def summarize(result: EngineResult) -> dict:
         "c0_measurements_run": int(result.c0_measurements),
         "final_cost_median": float(np.median(result.final_cost)),
         "final_accuracy_median": float(np.median(result.final_accuracy)),
+        "final_cost": result.final_cost.tolist(),  # per run
+        "final_accuracy": result.final_accuracy.tolist(),
         "wall_time_s": result.wall_time,
     }
     if len(solved) > 1:

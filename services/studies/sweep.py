@@ -1,0 +1,258 @@
+"""The study runner: a sweep of points, each a training job (all its seeds), into a folder.
+
+``run_study(study, params, out)`` runs every point of the study that the folder does not
+hold yet, with a progress bar, and after each point rewrites
+
+    out/study.json      the study's name, question, parameters, code version and machine
+    out/points.jsonl    one line per finished point (its key and rows): what resuming reads
+    out/runs.csv        one row per run (point × seed) with every column
+    out/summary.json    the study's summary of all rows
+    out/*.png           the study's figures (at the end)
+
+An interrupted study resumes where it stopped when run again with the same parameters;
+other parameters in an existing folder are refused (nothing is overwritten).
+
+A study (``Study``) declares its parameters with defaults, the points of its sweep, how a
+point runs (by default: train ``point.config`` and return one row per seed), its figures
+and its summary. ``Context.train`` runs a job on the in-process engine or on a local
+cluster (``--engine cluster``), so every study runs on both.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pmgd_node.config import ConfigError, JobConfig
+
+
+@dataclass(frozen=True)
+class Point:
+    """One point of a sweep: the swept values (``key``) and the job they make."""
+
+    key: dict[str, Any]
+    config: JobConfig | None = None
+
+
+@dataclass
+class Trained:
+    """A job's outcome: one row per run (seed) and the evaluation history (tick, cost, accuracy)."""
+
+    rows: list[dict]
+    history: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class Study(ABC):
+    name: str = ""
+    question: str = ""
+    params: dict[str, Any] = {}  # parameter → default (its type is the default's type)
+
+    @abstractmethod
+    def points(self, p: dict) -> list[Point]:
+        ...
+
+    def run(self, point: Point, p: dict, ctx: "Context") -> list[dict]:
+        """Rows of one point; by default one per seed of ``point.config``."""
+        return ctx.train(point.config).rows
+
+    def figures(self, rows: list[dict], p: dict, out: str) -> list[str]:
+        return []
+
+    def summary(self, rows: list[dict], p: dict) -> dict:
+        return {}
+
+
+def resolve_params(study: Study, given: dict[str, Any]) -> dict[str, Any]:
+    """The study's defaults overridden by ``given``, each converted to its default's type."""
+    unknown = sorted(set(given) - set(study.params))
+    if unknown:
+        raise ConfigError(unknown[0], f"not a parameter of study {study.name}; its parameters: "
+                                      f"{', '.join(study.params)}")
+    out = dict(study.params)
+    for name, value in given.items():
+        default = study.params[name]
+        out[name] = _convert(name, value, default)
+    return out
+
+
+def _convert(name: str, value: Any, default: Any) -> Any:
+    if isinstance(value, str) and not isinstance(default, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(name, f"must be JSON like {json.dumps(default)}; got {value!r}") from None
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if default is not None and not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
+        raise ConfigError(name, f"must be of type {kind.__name__} like {json.dumps(default)}; got {value!r}")
+    return value
+
+
+def code_version() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import version
+
+    return "pmgd-cluster " + version("pmgd-cluster")
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return info
+
+
+class Context:
+    """How a study's jobs run: ``engine`` local (in-process) or cluster (a local cluster of
+    ``cluster_nodes`` node processes, started on first use and stopped by ``close``)."""
+
+    def __init__(self, engine: str = "local", cluster_nodes: int = 2, device: str | None = None):
+        if engine not in ("local", "cluster"):
+            raise ConfigError("engine", f"must be local or cluster; got {engine!r}")
+        self.engine, self.cluster_nodes, self.device = engine, cluster_nodes, device
+        self._cluster = None
+
+    def train(self, config: JobConfig) -> Trained:
+        if self.engine == "cluster":
+            return self._train_cluster(config)
+        from services.engine.engine import Engine
+
+        result = Engine(config, device=self.device).run()
+        rows = [{"seed": config.seed + r, "solved": bool(result.solved[r]),
+                 "ticks_to_solution": int(result.ticks_to_solution[r]),
+                 "c0_to_solution": int(result.c0_to_solution[r]), "ticks_run": result.ticks,
+                 "final_cost": float(result.final_cost[r]), "final_accuracy": float(result.final_accuracy[r])}
+                for r in range(config.seeds)]
+        return Trained(rows, [(p.tick, p.cost, p.accuracy) for p in result.history])
+
+    def _train_cluster(self, config: JobConfig) -> Trained:
+        from services.cluster.client import run_job
+        from services.cluster.launcher import LocalCluster
+
+        if self._cluster is None:
+            self._cluster = LocalCluster(self.cluster_nodes).start()
+        config = config.replace(nodes=min(self.cluster_nodes, config.nodes if config.nodes > 1 else self.cluster_nodes))
+        history: list = []
+        s = run_job(config, self._cluster.endpoints["control"], timeout_s=24 * 3600.0,
+                    on_progress=lambda d: history.append((d["tick"], np.array(d["cost"]), np.array(d["accuracy"]))))
+        t_sol = s.get("ticks_to_solution", [s["ticks_to_solution_median"] or -1])
+        rows = [{"seed": config.seed + r, "solved": t_sol[r] >= 0, "ticks_to_solution": int(t_sol[r]),
+                 "c0_to_solution": -1, "ticks_run": s["ticks_run"], "final_cost": s["final_cost"][r],
+                 "final_accuracy": s["final_accuracy"][r]} for r in range(config.seeds)]
+        return Trained(rows, history)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, data) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=_plain)
+    os.replace(tmp, path)
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def run_study(study: Study, params: dict, out: str, engine: str = "local", progress: bool = True,
+              console=None, cluster_nodes: int = 2) -> dict:
+    """Run (or resume) ``study`` with resolved ``params`` into folder ``out``; returns the summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "study.json")
+    done: dict[str, dict] = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("study") != study.name or old.get("params") != json.loads(json.dumps(params)) \
+                or old.get("engine") != engine:
+            raise ConfigError("out", f"{out} holds study {old.get('study')} with other parameters or engine; "
+                                     "use another --out to start afresh")
+        points_path = os.path.join(out, "points.jsonl")
+        if os.path.exists(points_path):
+            with open(points_path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        entry = json.loads(line)
+                        done[json.dumps(entry["key"], sort_keys=True)] = entry
+    _write_json(meta_path, {"study": study.name, "question": study.question, "params": params, "engine": engine,
+                            "code_version": code_version(), "machine": machine(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    points = study.points(params)
+    todo = [pt for pt in points if json.dumps(pt.key, sort_keys=True) not in done]
+    if done:
+        console.print(f"resuming {study.name}: {len(points) - len(todo)} of {len(points)} points already in {out}")
+    ctx = Context(engine, cluster_nodes)
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("points · {task.fields[now]}"), TimeElapsedColumn(), console=console,
+                   disable=not progress)
+    try:
+        with bar, open(os.path.join(out, "points.jsonl"), "a", encoding="utf-8") as log:
+            task = bar.add_task(study.name, total=len(points), completed=len(points) - len(todo), now="")
+            for pt in todo:
+                bar.update(task, now=", ".join(f"{k}={v}" for k, v in pt.key.items()))
+                started = time.perf_counter()
+                rows = [dict(pt.key, **row) for row in study.run(pt, params, ctx)]
+                entry = {"key": pt.key, "rows": rows, "wall_s": time.perf_counter() - started}
+                log.write(json.dumps(entry, default=_plain) + "\n")
+                log.flush()
+                done[json.dumps(pt.key, sort_keys=True)] = json.loads(json.dumps(entry, default=_plain))
+                _write_csv(os.path.join(out, "runs.csv"), [r for e in done.values() for r in e["rows"]])
+                bar.advance(task)
+    finally:
+        ctx.close()
+    order = {json.dumps(pt.key, sort_keys=True): i for i, pt in enumerate(points)}
+    entries = sorted((e for k, e in done.items() if k in order), key=lambda e: order[json.dumps(e["key"], sort_keys=True)])
+    rows = [r for e in entries for r in e["rows"]]
+    _write_csv(os.path.join(out, "runs.csv"), rows)
+    summary = {"study": study.name, "question": study.question, "points": len(points), "runs": len(rows),
+               **study.summary(rows, params)}
+    summary["figures"] = [os.path.basename(f) for f in study.figures(rows, params, out)]
+    _write_json(os.path.join(out, "summary.json"), summary)
+    return summary
