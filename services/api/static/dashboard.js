@@ -386,7 +386,8 @@ function renderJob() {
     if (s.wall_time_s !== undefined) add("wall time", fmtDuration(s.wall_time_s));
   } else {
     const solved = latest("solved");
-    add("solved", solved === null ? "—" : `${fmtNum(solved)} / ${runs}`, "runs at target");
+    if (c.target_accuracy === null && c.target_cost === null) add("solved", "no target", "stopping rule off");
+    else add("solved", solved === null ? "—" : `${fmtNum(solved)} / ${runs}`, "runs at target");
     add("cost", fmtNum(latest("cost"), 3), runs > 1 ? "median, latest" : "latest");
     const acc = latest("accuracy");
     add("accuracy", acc === null ? "—" : (100 * acc).toFixed(1) + " %", runs > 1 ? "median, latest" : "latest");
