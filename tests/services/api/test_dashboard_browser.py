@@ -6,12 +6,16 @@ complete within the budget and ``--dump-dom`` returns the DOM after several of t
 page reports what it drew on each plot's <svg> (``data-series``, ``data-points``) and sets
 ``<body data-ready="1">`` after its first successful metrics render.
 
-Chromium is required, not optional: `make test` installs it (Debian: ``apt-get install
+The controls and the new-job form are driven over the DevTools protocol on a pipe
+(``--remote-debugging-pipe``: NUL-separated JSON on fds 3 and 4), so no websocket client
+is needed. Chromium is required, not optional: `make test` installs it (Debian: ``apt-get install
 chromium``); set ``CHROMIUM`` to use another binary.
 """
 
+import fcntl
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -33,15 +37,94 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("PMGD_API_")}
 MAX_DRAWN = 1500  # dashboard.js thins a series to this many points when drawing
 
 
-def chromium(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+def require_chromium() -> None:
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"chromium not found at {CHROMIUM}: the dashboard test needs a headless Chromium "
                     "(Debian/Ubuntu: apt-get install chromium; or set CHROMIUM=/path/to/chrome)")
+
+
+def chromium(url: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    require_chromium()
     cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=8000",
            *extra, url]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, f"chromium exited with {r.returncode}:\n{r.stderr[-3000:]}"
     return r
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4)."""
+
+    def __init__(self, tmp_path):
+        require_chromium()
+        to_chrome_r, self._out = os.pipe()
+        self._in, from_chrome_w = os.pipe()
+
+        def wire_fds():  # in the child: its fd 3 reads our commands, its fd 4 writes the replies
+            read, write = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+            os.dup2(read, 3)
+            os.dup2(write, 4)
+
+        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chromium-cdp'}",
+                                      "--remote-debugging-pipe", "about:blank"],
+                                     preexec_fn=wire_fds, close_fds=False,
+                                     stdout=subprocess.DEVNULL, stderr=open(tmp_path / "chromium.log", "wb"))
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buf = b""
+        self._id = 0
+        self.session = ""
+
+    def send(self, method: str, params: dict | None = None, timeout_s: float = 60) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self._out, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            while b"\0" not in self._buf:
+                left = deadline - time.monotonic()
+                assert left > 0 and select.select([self._in], [], [], left)[0], f"no reply to {method}"
+                chunk = os.read(self._in, 1 << 20)
+                assert chunk, f"chromium closed the DevTools pipe (exit {self.proc.poll()})"
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:  # anything else is an event
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def eval(self, expression: str):
+        r = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        assert "exceptionDetails" not in r, f"{expression}: {r['exceptionDetails']}"
+        return r["result"].get("value")
+
+    def wait(self, expression: str, timeout_s: float = 60):
+        deadline = time.monotonic() + timeout_s
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"  # page may be loading
+        while not (value := self.eval(guarded)):
+            assert time.monotonic() < deadline, f"timed out waiting for: {expression}"
+            time.sleep(0.1)
+        return value
+
+    def close(self) -> None:
+        self.session = ""
+        try:
+            self.send("Browser.close", timeout_s=10)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._out)
+        os.close(self._in)
 
 
 class Dom(HTMLParser):
@@ -188,3 +271,49 @@ def test_dashboard_plots_per_shard_staleness_of_a_cluster_job(tmp_path):
             assert "not recorded for this job" in text and "2 nodes" in text  # the cluster pill
         finally:
             api.close()
+
+
+def test_dashboard_new_job_form_token_and_controls(tmp_path):
+    api = Api(tmp_path, "--token=secret")
+    browser = DevTools(tmp_path)
+    try:
+        browser.open(f"{api.url}/dashboard")
+        browser.wait("!document.querySelector('#jobs-empty').hidden")  # loaded: no jobs yet
+        submit = """(() => { const f = document.querySelector('#new-job');
+            f.task.value = 'parity4'; f.seeds.value = '2'; f.max_ticks.value = '5000000';
+            f.requestSubmit(); })()"""
+        browser.eval(submit)
+        # Without the token the API answers 401 and the form says so.
+        msg = browser.wait("(m => m.includes('authorization') && m)(document.querySelector('#form-msg').textContent)")
+        assert "token" in msg and api.get("/jobs") == []
+        browser.eval("(t => { t.value = 'secret'; t.dispatchEvent(new Event('input')); })(document.querySelector('#token'))")
+        browser.eval(submit)
+        job_id = browser.wait("new URLSearchParams(location.search).get('job')")  # the new job is selected
+        job = api.get(f"/jobs/{job_id}")
+        assert job["config"]["task"] == "parity4" and job["config"]["seeds"] == 2 and job["engine"] == "local"
+        assert browser.eval("localStorage.getItem('pmgd.token')") == "secret"
+
+        def enabled():
+            return browser.eval("[...document.querySelectorAll('.controls button')]"
+                                ".filter(b => !b.disabled).map(b => b.dataset.action).join(',')")
+
+        def click_and_wait(action, state, buttons):
+            browser.eval(f"document.querySelector('[data-action={action}]').click()")
+            browser.wait(f"document.querySelector('#job-state').textContent === '{state}'")
+            assert api.get(f"/jobs/{job_id}")["state"] == state
+            browser.wait(f"[...document.querySelectorAll('.controls button')].filter(b => !b.disabled)"
+                         f".map(b => b.dataset.action).join(',') === '{buttons}'")
+
+        browser.wait("document.body.dataset.ready === '1' && document.querySelector('#job-state').textContent === 'running'")
+        assert enabled() == "pause,stop"
+        browser.wait("Number(document.querySelector('#plot-cost').dataset.points) > 0")
+        click_and_wait("pause", "paused", "resume,stop")
+        click_and_wait("resume", "running", "pause,stop")
+        click_and_wait("stop", "stopped", "delete")
+        browser.eval("window.confirm = () => true")  # the page asks before deleting
+        browser.eval("document.querySelector('[data-action=delete]').click()")
+        browser.wait("!document.querySelector('#no-selection').hidden")
+        assert api.get("/jobs") == []
+    finally:
+        browser.close()
+        api.close()
