@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 COLORS = {"tm": "#1f77b4", "cm": "#ff7f0e", "rcm": "#2ca02c", "fm": "#d62728", "backprop": "#7f7f7f",
           "tagged": "#1f77b4", "untagged": "#d62728", "compensated": "#2ca02c"}
 LABELS = {"tm": "TM", "cm": "CM", "rcm": "R-CM", "fm": "FM"}
+# Overlapping series stay visible: each correlation mode its own marker and line.
+STYLES = {"tagged": dict(marker="o", ls="-"), "untagged": dict(marker="s", ls="-"),
+          "compensated": dict(marker="^", ls="--", ms=8, mfc="none")}
 
 
 def figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.8, title: str = ""):
@@ -44,8 +47,18 @@ def band(ax, x, ys, label: str, color: str | None = None, **kw) -> None:
 def points(ax, xs, groups, label: str, color: str | None = None, **kw) -> None:
     """Median and q1–q3 error bars of each group of values, at positions ``xs``."""
     stats = np.array([quartiles(g) for g in groups])
+    kw = {"marker": "o", **kw}
     ax.errorbar(xs, stats[:, 1], yerr=[stats[:, 1] - stats[:, 0], stats[:, 2] - stats[:, 1]], label=label,
-                color=color, marker="o", capsize=3, **kw)
+                color=color, capsize=3, **kw)
+
+
+def log_y(ax, empty: str = "no run converged") -> None:
+    """Log y axis when the axes hold positive data; otherwise say why the panel is empty."""
+    lo, hi = ax.dataLim.intervaly
+    if np.isfinite(lo) and np.isfinite(hi) and hi > 0:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="grey")
 
 
 def save(fig, out: str, name: str) -> str:

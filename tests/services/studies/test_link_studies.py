@@ -1,0 +1,90 @@
+"""The link and noise studies end to end at a small size, and the sweep runner's resume rules."""
+
+import csv
+import json
+
+import pytest
+
+from pmgd_node.config import ConfigError
+from services import studies
+from services.cli import main
+
+SMALL = ["--seeds", "2", "--set", "max_ticks=400", "--set", "angle_ticks=40", "--quiet"]
+
+
+def _rows(out):
+    with open(out / "runs.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name, field, values, points", [
+    ("latency", "delay", "[0,2]", 4 * 2 * 2 + 2),  # 4 types × tagged/untagged × 2 delays + FM compensated
+    ("jitter", "jitter", "[0,2]", 4 * 2 * 2),
+    ("drop", "drop", "[0.0,0.5]", 4 * 1 * 2),  # tagged only
+    ("drift", "drift", "[0.0,0.1]", 3 * 2 * 2),  # async clocks: discrete types only (no FM)
+])
+def test_link_studies_write_a_row_per_run(tmp_path, name, field, values, points):
+    assert main(["study", name, "--out", str(tmp_path), "--set", f"values={values}", *SMALL]) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == points * 2
+    assert {"perturbation", "correlation", field, "seed", "solved", "ticks_to_solution", "final_cost",
+            "final_accuracy", "angle_deg"} <= rows[0].keys()
+    assert all(0 <= float(r["angle_deg"]) <= 180 for r in rows)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["runs"] == len(rows) and summary["figures"] == [f"{name}.png"]
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    meta = json.loads((tmp_path / "study.json").read_text())
+    assert meta["params"]["seeds"] == 2 and meta["code_version"] and meta["machine"]["cpus"] >= 1
+
+
+def test_fm_delay_points_carry_the_cos_2pi_f_d_prediction(tmp_path):
+    main(["study", "latency", "--out", str(tmp_path), "--set", "values=[3]", "--set", 'perturbations=["fm"]', *SMALL])
+    by = {r["correlation"]: r for r in _rows(tmp_path) if r["seed"] == "0"}
+    assert set(by) == {"tagged", "untagged", "compensated"}
+    # compensation removes the delay from the correlation: predicted as the undelayed estimate
+    assert float(by["untagged"]["predicted_angle_deg"]) > float(by["compensated"]["predicted_angle_deg"])
+
+
+def test_noise_study_sweeps_each_imperfection(tmp_path):
+    main(["study", "noise", "--out", str(tmp_path), "--set", "cost_noise=[0.01]", "--set", "update_noise=[0.001]",
+          "--set", "device_variation=[0.3]", "--set", 'perturbations=["rcm","fm"]', *SMALL])
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 * 2 * 2
+    assert {(r["imperfection"], r["level"]) for r in rows} == {("cost_noise", "0.01"), ("update_noise", "0.001"),
+                                                               ("device_variation", "0.3")}
+
+
+def test_a_study_resumes_and_refuses_other_parameters(tmp_path, monkeypatch):
+    args = ["study", "drop", "--out", str(tmp_path), "--set", "values=[0.0,0.3]", "--set", 'perturbations=["rcm"]',
+            *SMALL]
+    study_cls = type(studies.get("drop"))
+    calls = []
+    original = study_cls.run
+
+    def flaky(self, point, p, ctx):
+        calls.append(point.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted after the first point
+        return original(self, point, p, ctx)
+
+    monkeypatch.setattr(study_cls, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert len(_rows(tmp_path)) == 2  # the finished point is on disk
+    main(args)  # resumes: only the missing point runs
+    assert len(calls) == 3 and calls[2] == calls[1]
+    assert len(_rows(tmp_path)) == 4
+    main(args)  # complete: nothing runs again
+    assert len(calls) == 3
+    with pytest.raises(SystemExit):  # other parameters in the same folder: refused, naming --out
+        main(["study", "drop", "--out", str(tmp_path), "--seeds", "3", "--quiet"])
+
+
+def test_bad_study_parameters_name_the_parameter(tmp_path, capsys):
+    for args, name in ((["study", "nope"], "study"), (["study", "drop", "--set", "colour=1"], "colour"),
+                       (["study", "drop", "--set", "seeds=many"], "seeds"), (["study", "drop", "--set", "x"], "set")):
+        with pytest.raises(SystemExit):
+            main([*args, "--out", str(tmp_path / "x")])
+        assert name in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="values"):
+        studies.sweep.resolve_params(studies.get("drop"), {"values": "true"})
