@@ -343,10 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     api = ApiClient(url, token)
     try:
         return _COMMANDS[args.command](api, args)
-    except ConfigError as err:
-        print(f"pmgd jobs: error: {err}", file=sys.stderr)
-        return 2
-    except ConfigFileError as err:
+    except (ConfigError, ConfigFileError) as err:
         print(f"pmgd jobs: error: {err}", file=sys.stderr)
         return 2
     except ApiError as err:

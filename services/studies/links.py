@@ -153,13 +153,7 @@ class LinkStudy(Study):
                         bottom.plot(values, [plots.quartiles(g)[1] for g in pred], ls=":", color="k", lw=1.2,
                                     label="predicted: cos(2πf·d) ⊙ G₀")
             top.set_title(plots.LABELS.get(kind, kind))
-            top.set_ylabel("runs converged (%)")
-            top.set_ylim(-5, 105)
-            mid.set_ylabel("ticks to solution (median, q1–q3)")
-            plots.log_y(mid)
-            bottom.set_ylabel("angle of G to ∇C (degrees)")
-            bottom.set_ylim(0, 180)
-            bottom.axhline(90, color="grey", lw=0.8, ls=":")
+            plots.outcome_axes(top, mid, bottom)
             for ax in (top, mid, bottom):
                 ax.set_xlabel(UNITS[self.field])
                 ax.legend(fontsize=7)

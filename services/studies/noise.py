@@ -85,12 +85,7 @@ class Noise(Study):
                          color=color, label=label)
                 plots.points(mid, x, [[r["ticks_to_solution"] for r in g if r["solved"]] for g in sel], label, color)
                 plots.points(bottom, x, [[r["angle_deg"] for r in g] for g in sel], label, color)
-            top.set_ylabel("runs converged (%)")
-            top.set_ylim(-5, 105)
-            mid.set_ylabel("ticks to solution (median, q1–q3)")
-            plots.log_y(mid)
-            bottom.set_ylabel("angle of G to ∇C (degrees)")
-            bottom.set_ylim(0, 180)
+            plots.outcome_axes(top, mid, bottom)
             for ax in (top, mid, bottom):
                 if imperfection != "device_variation":
                     ax.set_xscale("log")

@@ -61,6 +61,17 @@ def log_y(ax, empty: str = "no run converged") -> None:
         ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="grey")
 
 
+def outcome_axes(top, mid, bottom) -> None:
+    """Labels of the three panels a sweep draws per column: converged, solution time, angle."""
+    top.set_ylabel("runs converged (%)")
+    top.set_ylim(-5, 105)
+    mid.set_ylabel("ticks to solution (median, q1–q3)")
+    log_y(mid)
+    bottom.set_ylabel("angle of G to ∇C (degrees)")
+    bottom.set_ylim(0, 180)
+    bottom.axhline(90, color="grey", lw=0.8, ls=":")  # no information
+
+
 def save(fig, out: str, name: str) -> str:
     path = os.path.join(out, name)
     fig.tight_layout()
