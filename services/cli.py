@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     study.add_argument("name", help="fig2, fig4, fig5, table1, latency, jitter, drop, drift or noise")
     study.add_argument("--out", required=True, help="output folder (an interrupted study resumes from it)")
-    study.add_argument("--config", help="JSON or TOML file of study parameters (flags override it)")
+    study.add_argument("--config", help="JSON or TOML file of study parameters, or a study.json to repeat a study "
+                                        "exactly (flags override it)")
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="PARAM=VALUE",
                        help="set one study parameter (JSON value), e.g. --set delays=[0,1,2]")
     study.add_argument("--seeds", type=int, help="random initialisations per point")
@@ -149,7 +150,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = studies.get(args.name)
     given: dict = {}
     if args.config:
-        given.update(_load_mapping(args.config))
+        loaded = _load_mapping(args.config)
+        # A finished study's study.json repeats it exactly: its "params" are the parameters.
+        given.update(loaded["params"] if "params" in loaded and "study" in loaded else loaded)
     for item in args.overrides:
         name, sep, value = item.partition("=")
         if not sep:

@@ -80,6 +80,17 @@ def test_a_study_resumes_and_refuses_other_parameters(tmp_path, monkeypatch):
         main(["study", "drop", "--out", str(tmp_path), "--seeds", "3", "--quiet"])
 
 
+def test_a_study_repeats_exactly_from_its_study_json(tmp_path):
+    first, again = tmp_path / "a", tmp_path / "b"
+    main(["study", "drop", "--out", str(first), "--set", "values=[0.3]", "--set", 'perturbations=["tm"]', *SMALL])
+    main(["study", "drop", "--out", str(again), "--config", str(first / "study.json"), "--quiet"])
+    assert _rows(again) == _rows(first)
+    (tmp_path / "p.toml").write_text('values = [0.3]\nperturbations = ["tm"]\nseeds = 2\nmax_ticks = 400\n'
+                                     'angle_ticks = 40\n')
+    main(["study", "drop", "--out", str(tmp_path / "c"), "--config", str(tmp_path / "p.toml"), "--quiet"])
+    assert _rows(tmp_path / "c") == _rows(first)
+
+
 def test_bad_study_parameters_name_the_parameter(tmp_path, capsys):
     for args, name in ((["study", "nope"], "study"), (["study", "drop", "--set", "colour=1"], "colour"),
                        (["study", "drop", "--set", "seeds=many"], "seeds"), (["study", "drop", "--set", "x"], "set")):
