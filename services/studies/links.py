@@ -13,8 +13,9 @@ Analytic expectations drawn beside the measurements:
 * **untagged delay d**: the node correlates C̃[t−d] with θ̃[t]. For R-CM the codes of
   different ticks are independent, so E[ε] = 0 and training fails for d ≥ 1. For FM,
   ⟨sin(2πf(t−d)+φ)·sin(2πft+φ)⟩ = ½cos 2πf·d: parameter i's estimate is scaled by
-  cos 2πf_i·d (negative for some i), predicted G_d = cos(2πf d) ⊙ G_0. A node that knows d
-  correlates with θ̃[t−d] (``compensation``) and recovers G_0 exactly, d ticks later.
+  cos 2πf_i·d (negative for some i); with the analog high-pass H in the loop the factor is
+  Re(H(2πf_i)·e^{−i2πf_i d}). A node that knows d correlates with θ̃[t−d] (``compensation``)
+  and recovers the undelayed estimate exactly, d ticks later.
 * **drop p** (tagged): a lost C̃ is a lost tick, so solution time grows by 1/(1−p).
 * **jitter**: tagged jitter is a random staleness; untagged jitter is a random mis-correlation.
 * **drift** (async clocks at rates 1 ± drift): shards run ahead or behind; tagged C̃ still
@@ -85,25 +86,31 @@ class LinkStudy(Study):
         for row, angle in zip(rows, angles):
             row["angle_deg"] = float(angle)
         if self.field == "delay" and point.key["perturbation"] == "fm":
-            for row, angle in zip(rows, self._fm_prediction(point.config, p["angle_ticks"])):
-                row["predicted_angle_deg"] = float(angle)
+            predicted, ideal = self._fm_prediction(point.config, p["angle_ticks"])
+            for row, a, b in zip(rows, predicted, ideal):
+                row["predicted_angle_deg"], row["ideal_angle_deg"] = float(a), float(b)
         return rows
 
     @staticmethod
-    def _fm_prediction(config: JobConfig, ticks: int) -> np.ndarray:
-        """Angle of cos(2πf·d_eff) ⊙ G₀ to ∇C, G₀ measured without delay (d_eff = d − compensation)."""
+    def _fm_prediction(config: JobConfig, ticks: int) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted angles of the FM estimate to ∇C under an effective delay d = delay − compensation.
+
+        Parameter i's tone at ω_i = 2πf_i passes the high-pass H(ω) = α(1 − e^{−iω})/(1 − αe^{−iω})
+        and reaches the node d ticks late, so E[G_i] ∝ Re(H(ω_i)·e^{−iω_i d})·∂C/∂θ_i. Returns
+        (with the high-pass, ideal extraction H = 1, i.e. cos 2πf_i·d), each (S,).
+        """
         from services.engine.engine import Engine
 
-        undelayed = config.replace(delay=0, compensation=0, eta=0.0, tau_theta=ticks + 1, tau_x=ticks + 1,
-                                   max_ticks=ticks, target_accuracy=None, target_cost=None)
-        engine = Engine(undelayed)
-        for _ in range(ticks):
-            engine.step()
-        g0 = engine.transport.gather_gradient()
-        freq = engine.transport.nodes[0].perturbation.freq
-        d = config.delay - config.compensation if config.correlation == "untagged" else 0
+        engine = Engine(config.replace(delay=0, compensation=0, eta=0.0, max_ticks=1))
+        engine.step()  # presents the input the frozen trace sees
         true_grad = engine.model.gradient(engine.theta0, engine.stage.batch)
-        return angle_degrees(np.cos(2 * np.pi * freq * d) * g0, true_grad)
+        omega = 2 * np.pi * engine.transport.nodes[0].perturbation.freq
+        d = config.delay - config.compensation if config.correlation == "untagged" else 0
+        alpha = config.tau_hp / (config.tau_hp + 1.0)
+        z = np.exp(-1j * omega)
+        h = alpha * (1 - z) / (1 - alpha * z)
+        return (angle_degrees(np.real(h * np.exp(-1j * omega * d)) * true_grad, true_grad),
+                angle_degrees(np.cos(omega * d) * true_grad, true_grad))
 
     # --- results ---------------------------------------------------------------------------------
     def _groups(self, rows, kind, corr, column, solved_only=False):
@@ -148,10 +155,12 @@ class LinkStudy(Study):
                     base = plots.quartiles(ticks[0])[1] if values and values[0] == 0 else np.nan
                     mid.plot(values, [base / (1 - v) for v in values], "k--", lw=1, label="T₀/(1−p)")
                 if self.field == "delay" and kind == "fm" and corr == "untagged":
-                    _, pred = self._groups(rows, kind, corr, "predicted_angle_deg")
-                    if any(pred):
-                        bottom.plot(values, [plots.quartiles(g)[1] for g in pred], ls=":", color="k", lw=1.2,
-                                    label="predicted: cos(2πf·d) ⊙ G₀")
+                    for column, ls, label in (("predicted_angle_deg", ":", "predicted: Re(H·e^{−iωd})"),
+                                              ("ideal_angle_deg", "-.", "ideal extraction: cos 2πf·d")):
+                        _, pred = self._groups(rows, kind, corr, column)
+                        if any(pred):
+                            bottom.plot(values, [plots.quartiles(g)[1] for g in pred], ls=ls, color="k", lw=1.2,
+                                        label=label)
             top.set_title(plots.LABELS.get(kind, kind))
             plots.outcome_axes(top, mid, bottom)
             for ax in (top, mid, bottom):

@@ -221,9 +221,14 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
                     if line.strip():
                         entry = json.loads(line)
                         done[json.dumps(entry["key"], sort_keys=True)] = entry
+    version = code_version()
+    earlier = old.get("code_versions", [old.get("code_version")]) if done else []
+    if earlier and version not in earlier:
+        console.print(f"[yellow]note: the points already in {out} were run by code {', '.join(earlier)}; "
+                      f"this is {version}[/yellow]")
     _write_json(meta_path, {"study": study.name, "question": study.question, "params": params, "engine": engine,
-                            "code_version": code_version(), "machine": machine(),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                            "code_version": version, "code_versions": sorted(set(earlier) | {version}),
+                            "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     points = study.points(params)
     todo = [pt for pt in points if json.dumps(pt.key, sort_keys=True) not in done]
     if done:
