@@ -168,7 +168,7 @@ class Fig4(Study):
                                     fontsize=7, color=colors.get(m))
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(_plain_formatter())
-            ax.set_yscale("log")
+            _log_y_if_data(ax)
             ax.set_xlabel("update period τ_θ (ticks)")
             ax.set_ylabel("solution time (ticks τ_p), median & q1–q3")
             ax.legend(fontsize=8, title=f"solved: mean cost ≤ {p['target_cost']:g} (n/N: solved runs)",
@@ -201,7 +201,7 @@ class Fig4(Study):
                               color=plt_color(k), label=f"m = {m}, τ_θ = {s['tau_theta']}")
             for ax in (ax_eta, ax_t):
                 ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                _log_y_if_data(ax)
                 ax.set_xlabel("update period τ_θ (ticks)")
                 ax.xaxis.set_major_formatter(_plain_formatter())
                 ax.legend(fontsize=8)
@@ -223,6 +223,13 @@ class Fig4(Study):
 
 def plt_color(k: int) -> str:
     return ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"][k % 8]
+
+
+def _log_y_if_data(ax) -> None:
+    """Log y axis, unless nothing positive was drawn (no run solved: an empty linear axis)."""
+    ys = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+    if any((np.isfinite(y) & (y > 0)).any() for y in ys):
+        ax.set_yscale("log")
 
 
 def _plain_formatter():

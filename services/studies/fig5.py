@@ -21,8 +21,8 @@ Solved: first check (every ``eval_every`` ticks) at 100 % accuracy (``epochs_to_
 and, separately, at mean cost ≤ 0.01 (``epochs_to_cost``, the paper's Fig 4 rule).
 
 Rows: one per (type, seed), ``type`` one of tm/cm/rcm/fm/backprop and ``eta`` its (effective)
-learning rate; ``cost_e{E}`` the mean cost over the four samples after E epochs, E on a
-logarithmic grid (``samples_per_decade``).
+learning rate; ``cost_e{E}`` the mean cost over the four samples after E epochs, at about
+``curve_points`` evenly spaced checks (E = 0 is the initial θ⁰).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import numpy as np
 
 from pmgd_node.config import JobConfig
 
-from .fig2 import log_ticks
 from .sweep import Context, Point, Study
 
 TYPES = ("tm", "cm", "rcm", "fm")
@@ -56,7 +55,7 @@ class Fig5(Study):
         "epochs": 2000,
         "eval_every": 10,  # ticks between cost checks
         "target_cost": 0.01,
-        "samples_per_decade": 16,
+        "curve_points": 50,  # cost_e{E} columns per run (every k-th check)
     }
 
     def _config(self, p: dict, kind: str) -> JobConfig:
@@ -89,7 +88,9 @@ class Fig5(Study):
             base = [{"seed": r["seed"], "final_cost": r["final_cost"], "final_accuracy": r["final_accuracy"]}
                     for r in trained.rows]
         epochs = ticks * p["batch"] / DATASET
-        grid = log_ticks(int(epochs[-1]), p["samples_per_decade"], first=max(1, int(np.ceil(epochs[1]))))
+        # Columns at every k-th check, about ``curve_points`` of them, always the last one.
+        k = max(1, int(np.ceil((len(epochs) - 1) / p["curve_points"])))
+        keep = sorted(set(range(0, len(epochs), k)) | {len(epochs) - 1})
         rows = []
         for r, row in enumerate(base):
             solved = np.flatnonzero(acc[:, r] >= 1.0 - 1e-12)
@@ -97,10 +98,7 @@ class Fig5(Study):
             row.update(epochs_to_solution=float(epochs[solved[0]]) if len(solved) else None,
                        epochs_to_cost=float(epochs[low[0]]) if len(low) else None,
                        final_cost=float(cost[-1, r]), final_accuracy=float(acc[-1, r]))
-            row["cost_e0"] = float(cost[0, r])
-            # The cost at the last check at or before each grid epoch.
-            idx = np.searchsorted(epochs, grid, side="right") - 1
-            row.update({f"cost_e{e}": float(cost[i, r]) for e, i in zip(grid, idx)})
+            row.update({f"cost_e{epochs[i]:g}": float(cost[i, r]) for i in keep})
             rows.append(row)
         return rows
 
@@ -154,14 +152,16 @@ class Fig5(Study):
         from . import plots
 
         fig, axes = plots.figure(ncols=2, width=5.6, height=4.4,
-                                 title=f"Fig 5b: 2-bit parity, {p['batch']} sample(s) per tick, effective η = {p['eta']:g}")
+                                 title=f"Fig 5b: 2-bit parity, {p['batch']} sample(s) per tick, one update per tick, "
+                                       f"effective η = {p['eta']:g}")
         ax, ax_box = axes[0]
         grey = ["#bbbbbb", "#7f7f7f", "#303030"]
         bp = 0
         stats, labels, colors = [], [], []
         for (kind, eta), mine in _by_curve(rows).items():
-            cols = sorted((int(k[len("cost_e"):]) for k in mine[0] if k.startswith("cost_e") and k != "cost_e0"))
-            ys = [[r[f"cost_e{e}"] for e in cols] for r in mine]
+            names = [k for k in mine[0] if k.startswith("cost_e")]
+            cols = [float(k[len("cost_e"):]) for k in names]
+            ys = [[r[k] for k in names] for r in mine]
             label = _label(kind, eta)
             if kind == "backprop":
                 color = grey[min(bp, 2)]
@@ -175,23 +175,40 @@ class Fig5(Study):
             stats.append(sol or [np.nan])
             labels.append(f"{label}\n{len(sol)}/{len(mine)}")
             colors.append(color)
-        ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axhline(p["target_cost"], color="k", linewidth=0.6, linestyle=":")
         ax.set_xlabel(f"epochs (ticks × {p['batch']} / {DATASET})")
         ax.set_ylabel("mean cost over the 4 samples")
         ax.set_title("cost: median and q1–q3 band over seeds (backprop: median)", fontsize=9)
         ax.legend(fontsize=7)
-        box = ax_box.boxplot(stats, vert=False, patch_artist=True, showfliers=True)
+        import matplotlib
+
+        horizontal = ({"orientation": "horizontal"} if tuple(int(v) for v in matplotlib.__version__.split(".")[:2])
+                      >= (3, 10) else {"vert": False})
+        box = ax_box.boxplot(stats, patch_artist=True, showfliers=True, medianprops={"color": "k"}, **horizontal)
         for patch, c in zip(box["boxes"], colors):
             patch.set_facecolor(c)
             patch.set_alpha(0.5)
         ax_box.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
-        ax_box.set_xscale("log")
+        if any(np.isfinite(v).any() for v in map(np.asarray, stats)):
+            ax_box.set_xscale("log")
+            ax_box.xaxis.set_major_formatter(_plain_formatter())
+            ax_box.xaxis.set_minor_formatter(_plain_formatter(minor=True))
         ax_box.set_xlabel("epochs to 100 % accuracy (solved runs)")
         ax_box.set_title(f"solution time over {p['seeds']} seeds (n/N solved)", fontsize=9)
         ax_box.invert_yaxis()
         return [plots.save(fig, out, "fig5.png")]
+
+
+def _plain_formatter(minor: bool = False):
+    from matplotlib.ticker import FuncFormatter
+
+    # Minor ticks labelled only at 2, 3 and 5 × 10ᵏ (the rest stay unlabelled).
+    def fmt(v, _):
+        lead = v / 10 ** np.floor(np.log10(v)) if v > 0 else 0
+        return f"{v:g}" if not minor or round(lead) in (2, 3, 5) else ""
+
+    return FuncFormatter(fmt)
 
 
 def _label(kind: str, eta: float) -> str:
