@@ -151,10 +151,11 @@ class Fig4(Study):
         figs = []
         a = self.panel_a(rows)
         if a:
-            fig, axes = plots.figure(width=6.0, height=4.4,
+            fig, axes = plots.figure(ncols=2, width=5.2, height=4.2,
                                      title=f"Fig 4a: 2-bit parity, {plots.LABELS.get(p['perturbation'], p['perturbation'])}, "
-                                           f"η = {p['eta_a']:g}")
-            ax = axes[0, 0]
+                                           f"fixed η = {p['eta_a']:g}; solved: mean cost ≤ {p['target_cost']:g} "
+                                           f"within {p['max_ticks_a']:,} ticks")
+            ax, ax_f = axes[0]
             for m, stats in a.items():
                 xs = [s["tau_theta"] for s in stats]
                 med = np.array([np.nan if s["median_ticks"] is None else s["median_ticks"] for s in stats], float)
@@ -162,17 +163,19 @@ class Fig4(Study):
                 hi = np.array([np.nan if s["q3_ticks"] is None else s["q3_ticks"] for s in stats], float)
                 label = f"mini-batch {m} (τ_θ = {m}·τ_x)" if m > 1 else "mini-batch 1 (τ_x = τ_θ)"
                 ax.errorbar(xs, med, yerr=[med - lo, hi - med], marker="o", capsize=3, color=colors.get(m), label=label)
-                for x, s, y in zip(xs, stats, med):
-                    if np.isfinite(y):
-                        ax.annotate(f"{s['solved']}/{s['runs']}", (x, y), textcoords="offset points", xytext=(4, 4),
-                                    fontsize=7, color=colors.get(m))
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_formatter(_plain_formatter())
-            _log_y_if_data(ax)
-            ax.set_xlabel("update period τ_θ (ticks)")
-            ax.set_ylabel("solution time (ticks τ_p), median & q1–q3")
-            ax.legend(fontsize=8, title=f"solved: mean cost ≤ {p['target_cost']:g} (n/N: solved runs)",
-                      title_fontsize=8)
+                ax_f.plot(xs, [s["fraction"] for s in stats], marker="o", color=colors.get(m), label=label)
+            for axis in (ax, ax_f):
+                axis.set_xscale("log", base=2)
+                axis.xaxis.set_major_formatter(_plain_formatter())
+                axis.set_xlabel("update period τ_θ (ticks)")
+                axis.legend(fontsize=8)
+            plots.log_y(ax, f"no run solved in {p['max_ticks_a']:,} ticks")
+            ax.set_ylabel("solution time (ticks τ_p)")
+            ax.set_title("solution time: median, q1–q3 of solved runs", fontsize=10)
+            ax_f.set_ylabel(f"fraction of the {p['seeds']} runs solved")
+            ax_f.set_ylim(-0.02, 1.02)
+            ax_f.axhline(p["stable_fraction"], color="k", linewidth=0.8, linestyle=":")
+            ax_f.set_title("runs solved", fontsize=10)
             figs.append(plots.save(fig, out, "fig4a.png"))
         b = self.panel_b(rows, p)
         if b:
@@ -201,14 +204,14 @@ class Fig4(Study):
                               color=plt_color(k), label=f"m = {m}, τ_θ = {s['tau_theta']}")
             for ax in (ax_eta, ax_t):
                 ax.set_xscale("log", base=2)
-                _log_y_if_data(ax)
+                plots.log_y(ax, "no η stable")
                 ax.set_xlabel("update period τ_θ (ticks)")
                 ax.xaxis.set_major_formatter(_plain_formatter())
                 ax.legend(fontsize=8)
             ax_eta.set_ylabel("max stable learning rate η")
             ax_eta.set_title("max stable η", fontsize=10)
-            ax_t.set_ylabel("solution time at max η (ticks τ_p), median & q1–q3")
-            ax_t.set_title("minimum training time", fontsize=10)
+            ax_t.set_ylabel("solution time at max η (ticks τ_p)")
+            ax_t.set_title("minimum training time: median, q1–q3", fontsize=10)
             ax_f.axhline(p["stable_fraction"], color="k", linewidth=0.8, linestyle=":")
             ax_f.set_xscale("log", base=2)
             ax_f.xaxis.set_major_formatter(_plain_formatter())
@@ -223,13 +226,6 @@ class Fig4(Study):
 
 def plt_color(k: int) -> str:
     return ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"][k % 8]
-
-
-def _log_y_if_data(ax) -> None:
-    """Log y axis, unless nothing positive was drawn (no run solved: an empty linear axis)."""
-    ys = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
-    if any((np.isfinite(y) & (y > 0)).any() for y in ys):
-        ax.set_yscale("log")
 
 
 def _plain_formatter():

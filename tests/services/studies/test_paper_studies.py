@@ -1,4 +1,7 @@
-"""The paper's studies (fig2, fig4, fig5, table1) end to end through ``pmgd study``, at small sizes."""
+"""The paper's studies (fig2, fig4, fig5, table1) end to end through ``pmgd study``, at small sizes.
+
+(The first test that runs a study pays the torch and matplotlib imports, ≈ 5 s here.)
+"""
 
 from __future__ import annotations
 
@@ -185,6 +188,7 @@ def test_table1_resolves_relative_data_dirs(tmp_path, monkeypatch):
     assert table1.resolve_dir("../shared/data/cifar10").startswith(table1.os.path.dirname(table1.REPO))
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_without_redoing_points(tmp_path, monkeypatch, capsys):
     out = tmp_path / "fig5"
     sets = ("epochs=20", "types=[\"tm\",\"rcm\",\"fm\"]", "backprop_lrs=[]")
