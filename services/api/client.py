@@ -182,16 +182,28 @@ def _console():
     return console
 
 
+def _read_config(path: str) -> dict:
+    """The fields of a JSON or TOML job-config file (by extension, as ``JobConfig.load``)."""
+    if path.endswith(".toml"):
+        import tomllib
+
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def cmd_submit(api: ApiClient, args: argparse.Namespace) -> int:
-    from pmgd_node.config import ConfigError, JobConfig
+    from pmgd_node.config import JobConfig
 
     try:
-        config = JobConfig.load(args.config)  # validates: a bad field raises ConfigError naming it
-    except (OSError, ValueError) as err:  # missing file, bad JSON/TOML (ConfigError passes through)
-        if isinstance(err, ConfigError):
-            raise
+        fields = _read_config(args.config)
+    except (OSError, ValueError) as err:  # missing file, bad JSON/TOML
         raise ConfigFileError(f"{args.config}: {err}") from None
-    job = api.submit(config.to_dict(), engine=args.engine, start=args.start, angle=args.angle)
+    JobConfig.from_dict(fields)  # validate here: a bad field raises ConfigError naming it
+    # Send the file's fields, not the filled-in config: the API fills in its own defaults, so
+    # a client and an API of different versions agree on every field the user did not set.
+    job = api.submit(fields, engine=args.engine, start=args.start, angle=args.angle)
     print(job["id"])
     print(f"submitted {_task(job)} job {job['id']} on the {job['engine']} engine: {job['state']}", file=sys.stderr)
     return 0
