@@ -277,18 +277,22 @@ function renderPlot(svg, series, opts) {
 function renderPlots() {
   const job = S.job;
   const ser = S.series;
+  const ended = job && FINAL.has(job.state);
+  const none = (what) => ended ? `no ${what} recorded` : job && job.state === "created" ? "not started"
+    : `no ${what} recorded yet`;
   renderPlot($("#plot-cost"), [{ label: "cost", color: COLORS.cost, points: ser.cost || [] }], {
-    yLabel: "cost (log scale)", log: true, empty: "no cost recorded yet",
+    yLabel: "cost (log scale)", log: true, empty: none("cost"),
     now: (v) => "now " + fmtNum(v, 3),
   });
   renderPlot($("#plot-accuracy"), [{ label: "accuracy", color: COLORS.accuracy, points: ser.accuracy || [] }], {
-    yLabel: "accuracy (%)", yMin: 0, yMax: 100, scale: 100, // the API's accuracy is a fraction empty: "no accuracy recorded yet",
+    yLabel: "accuracy (%)", yMin: 0, yMax: 100, scale: 100, // the API's accuracy is a fraction
+    empty: none("accuracy"),
     now: (v) => "now " + v.toFixed(1) + " %",
   });
   const angleOn = job && job.options && job.options.angle;
   renderPlot($("#plot-angle"), [{ label: "angle", color: COLORS.angle, points: ser.angle || [] }], {
     yLabel: "angle (degrees)", yMin: 0, yFloorMax: 90, smooth: true,
-    empty: angleOn ? "no angle recorded yet" : "not recorded for this job",
+    empty: angleOn ? none("angle") : "not recorded for this job",
     now: (v) => "now " + v.toFixed(1) + "°",
   });
   const shards = Object.keys(ser).filter((k) => k.startsWith("staleness."))
@@ -297,7 +301,7 @@ function renderPlots() {
     label: "shard " + k.slice(10), color: PALETTE[i % PALETTE.length], points: ser[k],
   })), {
     yLabel: "staleness (ticks)", yMin: 0, yFloorMax: 1, legend: true,
-    empty: job && job.engine === "local" ? "none: a local job runs in lock-step" : "no staleness recorded yet",
+    empty: job && job.engine === "local" ? "none: a local job runs in lock-step" : none("staleness"),
   });
 }
 
@@ -373,7 +377,7 @@ function renderJob() {
   const s = job.summary || {};
   const runs = s.runs || c.seeds || 1;
   const items = [];
-  const add = (label, value, small) => items.push([label, value, small]);
+  const add = (label, value, small, wide) => items.push([label, value, small, wide]);
   add("tick", fmtNum(job.tick || 0), maxTicks ? "of " + fmtNum(maxTicks) : "");
   if (job.summary) {
     add("converged", `${s.converged} / ${s.runs}`, "runs at target");
@@ -400,9 +404,9 @@ function renderJob() {
   if (dropped !== null) add("dropped", fmtNum(dropped), "messages");
   add("config", `${c.seeds || 1} seed${(c.seeds || 1) > 1 ? "s" : ""}`,
     `η ${fmtNum(c.eta)} · A ${fmtNum(c.amplitude)} · τθ ${c.tau_theta} · τx ${c.tau_x}` +
-    (c.timing && c.timing !== "sync" ? ` · ${c.timing}` : "") + (c.nodes > 1 ? ` · ${c.nodes} nodes` : ""));
-  $("#summary").innerHTML = items.map(([l, v, sm]) =>
-    `<div><dt>${esc(l)}</dt><dd>${esc(v)}${sm ? ` <small>${esc(sm)}</small>` : ""}</dd></div>`).join("");
+    (c.timing && c.timing !== "sync" ? ` · ${c.timing}` : "") + (c.nodes > 1 ? ` · ${c.nodes} nodes` : ""), true);
+  $("#summary").innerHTML = items.map(([l, v, sm, wide]) =>
+    `<div${wide ? ' class="wide"' : ""}><dt>${esc(l)}</dt><dd>${esc(v)}${sm ? ` <small>${esc(sm)}</small>` : ""}</dd></div>`).join("");
 }
 
 function mergeMetrics(resp) {
