@@ -85,7 +85,7 @@ def resolve_params(study: Study, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _convert(name: str, value: Any, default: Any) -> Any:
-    if isinstance(value, str) and not isinstance(default, str):
+    if isinstance(value, str) and (not isinstance(default, str) or value.startswith('"')):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
