@@ -573,6 +573,12 @@ function init() {
     b.addEventListener("click", () => control(b.dataset.action));
   }
   $("#new-job").addEventListener("submit", submitJob);
+  const form = $("#new-job");
+  form.engine.addEventListener("change", () => { // the API records the angle on the local engine only
+    const cluster = form.engine.value === "cluster";
+    form.angle.disabled = cluster;
+    if (cluster) form.angle.checked = false;
+  });
   renderJob();
   renderPlots();
   poll();
