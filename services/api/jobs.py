@@ -6,6 +6,7 @@ the store (``store.py``) at every evaluation, at most every ``FLUSH_S`` seconds 
 transaction:
 
     cost, accuracy       medians over runs of the evaluation-set cost and accuracy
+    c0                   (discrete mode) the held C₀ of the current input, mean over runs
     solved               runs that met the stopping rule
     ticks_per_second     perturbed ticks per wall second since the previous flush
     angle                (local, when asked for) the angle in degrees between the descent
@@ -203,6 +204,9 @@ class LocalRun(Run):
     def _on_eval(self, point, solved: np.ndarray) -> None:
         values = {"cost": float(np.median(point.cost)), "accuracy": float(np.median(point.accuracy)),
                   "solved": float(solved.sum())}
+        held = getattr(self.engine.stage.extractor, "c0", None)
+        if held is not None:
+            values["c0"] = float(np.mean(held))
         if self._prev is not None:
             theta_prev, grad_prev = self._prev
             engine = self.engine
@@ -280,6 +284,8 @@ class ClusterRun(Run):
             last = d["reports"][-1]
             values.update({f"staleness.{k}": float(v) for k, v in enumerate(last["staleness"])},
                           dropped=float(last["dropped"]))
+            if last["c0"] is not None:
+                values["c0"] = float(last["c0"])
         ck = d.get("checkpoint")
         if ck is not None:
             self.store.save_checkpoint(self.id, ck["tick"], np.asarray(ck["theta0"]))

@@ -110,6 +110,7 @@ def test_local_job_lifecycle_and_result_match_the_engine(api):
     assert [t for t, _ in series["cost"]] == [p.tick for p in result.history]  # every evaluation
     assert [v for _, v in series["accuracy"]] == [float(np.median(p.accuracy)) for p in result.history]
     assert series["angle"] and all(0 <= v <= 180 for _, v in series["angle"])
+    assert len(series["c0"]) == len(series["cost"]) and all(v > 0 for _, v in series["c0"])
     late = api.ok("GET", f"/jobs/{job['id']}/metrics?since=1990&names=cost")["series"]
     assert late == {"cost": [[2000, series["cost"][-1][1]]]}
     report = api.ok("POST", f"/jobs/{job['id']}/evaluate", {"split": "train", "run": 1})  # in-process scoring

@@ -255,7 +255,7 @@ def test_pmgd_up_serves_rest_jobs_on_the_cluster_and_stops_everything_on_ctrl_c(
         reference, theta0, _ = engine_reference(config)  # the cluster is bit-identical to the engine
         assert job["summary"]["ticks_to_solution"] == reference.ticks_to_solution.tolist()
         series = _http("GET", f"{api}/jobs/{job['id']}/metrics")["series"]
-        assert {"cost", "accuracy", "solved", "staleness.0", "staleness.1"} <= series.keys()
+        assert {"cost", "accuracy", "solved", "c0", "staleness.0", "staleness.1"} <= series.keys()
         assert series["accuracy"][-1] == [reference.ticks, float(np.median(reference.final_accuracy))]
         with np.load(io.BytesIO(_http("GET", f"{api}/jobs/{job['id']}/checkpoint"))) as z:
             np.testing.assert_array_equal(z["theta0"], theta0)
