@@ -126,7 +126,12 @@ def machine() -> dict:
 
 class Context:
     """How a study's jobs run: ``engine`` local (in-process) or cluster (a local cluster of
-    ``cluster_nodes`` node processes, started on first use and stopped by ``close``)."""
+    ``cluster_nodes`` node processes, started on first use and stopped by ``close``).
+
+    On the cluster, async timing needs a wall clock: a job that names no ``tick_period``
+    ticks every ``ASYNC_TICK_S`` seconds there."""
+
+    ASYNC_TICK_S = 0.002
 
     def __init__(self, engine: str = "local", cluster_nodes: int = 2, device: str | None = None):
         if engine not in ("local", "cluster"):
@@ -154,6 +159,8 @@ class Context:
         if self._cluster is None:
             self._cluster = LocalCluster(self.cluster_nodes).start()
         config = config.replace(nodes=min(self.cluster_nodes, config.nodes if config.nodes > 1 else self.cluster_nodes))
+        if config.timing == "async" and not config.tick_period:
+            config = config.replace(tick_period=self.ASYNC_TICK_S)
         history: list = []
         s = run_job(config, self._cluster.endpoints["control"], timeout_s=24 * 3600.0,
                     on_progress=lambda d: history.append((d["tick"], np.array(d["cost"]), np.array(d["accuracy"]))))

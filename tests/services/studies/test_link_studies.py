@@ -103,3 +103,13 @@ def test_bad_study_parameters_name_the_parameter(tmp_path, capsys):
         assert name in capsys.readouterr().err
     with pytest.raises(ConfigError, match="values"):
         studies.sweep.resolve_params(studies.get("drop"), {"values": "true"})
+
+
+@pytest.mark.slow
+def test_drift_study_runs_async_jobs_on_a_real_cluster(tmp_path):
+    """Async timing on the cluster needs a wall clock: the study gives jobs without one a tick period."""
+    main(["study", "drift", "--out", str(tmp_path), "--engine", "cluster", "--set", "values=[0.05]",
+          "--set", 'perturbations=["rcm"]', "--set", 'correlations=["tagged"]', *SMALL])
+    rows = _rows(tmp_path)
+    assert len(rows) == 2 and all(r["ticks_run"] == "400" for r in rows)
+    assert json.loads((tmp_path / "study.json").read_text())["engine"] == "cluster"
