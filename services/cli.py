@@ -45,6 +45,10 @@ _HELP = {
     "drift": "async: node clock rates uniform in 1 ± drift",
     "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
     "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
+    "compensation": "untagged: correlate C̃ with θ̃[now − compensation] (a known delay; FM phase compensation)",
+    "cost_noise": "σ of Gaussian read-out noise on every measured cost",
+    "update_noise": "σ of Gaussian noise added to every weight update",
+    "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
 }
 
 
