@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# The main job on the embedded default: 2-bit parity, R-CM, 100 random initialisations.
+# The main job, the documented defaults for 2-bit parity: R-CM, 100 random initialisations.
 train: $(STAMP)
-	$(BIN)/pmgd train --task parity2 --perturbation rcm --seeds 100 --json out/parity2-rcm.json
+	$(BIN)/pmgd train --config configs/parity2-rcm.toml --json out/parity2-rcm.json
 
 # The dashboard's browser test needs Debian's headless Chromium: installed here (as root, or
 # through sudo) when missing, never skipped.

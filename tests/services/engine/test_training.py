@@ -1,11 +1,15 @@
 """What PMGD must do on the reference tasks (paper §5–8), on the in-process engine."""
 
+import os
+
 import numpy as np
 import pytest
 
 from pmgd_node.config import JobConfig
 from services.engine.angle_trace import angle_trace
 from services.engine.engine import Engine, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # Fixed random 3-3-1 network, whole 3-bit parity data set at once, θ⁰ frozen.
 ANGLE = dict(task="parity3", batch=8, seeds=12, amplitude=0.01, init_scale=1.0)
@@ -29,7 +33,19 @@ def test_rcm_and_fm_angle_trends_down(kind, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_parity2_rcm_100_seeds_with_documented_defaults():
+    """The documented defaults (configs/parity2-rcm.toml: all four samples every tick, θ⁰ in
+    ±0.25): at least 90 of 100 seeds reach 100 % accuracy, median ≤ 10⁴ ticks (paper Table 1).
+    Measured 95, 92, 90 on the seed sets 0, 1000, 2000 (docs/benchmarks.md)."""
+    config = JobConfig.load(os.path.join(ROOT, "configs", "parity2-rcm.toml"))
+    assert (config.task, config.perturbation, config.seeds) == ("parity2", "rcm", 100)
+    s = summarize(Engine(config).run())
+    assert s["converged"] >= 90
+    assert s["ticks_to_solution_median"] <= 10_000
+
+
+def test_parity2_rcm_100_seeds_on_the_paper_table1_row():
     """Paper Table 1 row (2-bit parity, R-CM, τ_θ = τ_x = 1, batch 1). The paper reports 100 %
     in 10⁴ τ_p; we measure 77/100 converged in the 2×10⁴-tick budget (docs/benchmarks.md): the
     rest stall in XOR's local minimum. The assertion pins what we measured, with margin."""
