@@ -213,9 +213,7 @@ class JobRun:
             self._try_complete(t)
         self.trail.update(self.static)  # C-contiguous: the bytes of tobytes(), without the copy
         self.stage.begin_tick(t)
-        if self.stage.needs_c0:
-            self.stage.measure_c0(self.static)
-        c_tilde = self.stage.cost_variation(self.effective)
+        c_tilde = self.stage.cost_variation(self.static, self.effective)
         tags = None
         if self.asynchronous:
             tags = self.held.copy()  # each node correlates C̃ with the tick of the shard used

@@ -104,9 +104,11 @@ class OutputStage:
             batch = self._prepared[key] = self.model.prepare(self.train.x[idx], self.train.y[idx])
         return batch
 
-    def _cost(self, theta: np.ndarray, kind: int) -> np.ndarray:
-        """C of every run on the current input; ``kind`` 0 = C₀, 1 = C (seeds the read-out noise)."""
-        cost = self.remote.cost(theta, self.batch) if self.remote is not None else self.model.cost(theta, self.batch)
+    def _forward(self, theta: np.ndarray) -> np.ndarray:
+        return self.remote.cost(theta, self.batch) if self.remote is not None else self.model.cost(theta, self.batch)
+
+    def _noisy(self, cost: np.ndarray, kind: int) -> np.ndarray:
+        """The measured cost: ``cost`` plus read-out noise; ``kind`` 0 = C₀, 1 = C."""
         if self.config.cost_noise:
             t0 = self._tick - self._tick % 64  # drawn 64 ticks at a time
             if self._noise_t0 != t0:
@@ -140,13 +142,21 @@ class OutputStage:
     def needs_c0(self) -> bool:
         return self.discrete and self._c0_stale
 
-    def measure_c0(self, theta0: np.ndarray) -> None:
-        """Sample-and-hold C₀ = C(θ⁰) on the current input (one unperturbed tick)."""
-        self.extractor.hold(self._cost(theta0, 0))
-        self.c0_measurements += 1
-        self._c0_stale = False
+    def cost_variation(self, theta0: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """C̃ of this tick for the effective weights θ = θ⁰ + θ̃, one value per run.
 
-    def cost_variation(self, theta: np.ndarray) -> np.ndarray:
-        """C̃ for the effective weights θ = θ⁰ + θ̃ of this tick, one value per run."""
-        self.last_cost = self._cost(theta, 1)
+        When C₀ is stale (discrete mode) it is measured first: C₀ = C(θ⁰) on the current input
+        (one unperturbed tick), held. Both passes then go through the network as one batch of
+        2S runs, the same numbers at half the calls.
+        """
+        if self.needs_c0:
+            both = self._forward(np.concatenate([theta0, theta]))
+            s = len(theta)
+            self.extractor.hold(self._noisy(both[:s], 0))
+            self.c0_measurements += 1
+            self._c0_stale = False
+            cost = both[s:]
+        else:
+            cost = self._forward(theta)
+        self.last_cost = self._noisy(cost, 1)
         return self.extractor.variation(self.last_cost)
