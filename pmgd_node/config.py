@@ -146,13 +146,18 @@ class JobConfig:
     @classmethod
     def load(cls, path: str) -> "JobConfig":
         """Read a JSON or TOML file (by extension) holding job-config fields."""
-        if path.endswith(".toml"):
-            import tomllib
+        return cls.from_dict(read_mapping(path))
 
-            with open(path, "rb") as f:
-                return cls.from_dict(tomllib.load(f))
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+
+def read_mapping(path: str) -> Any:
+    """The contents of a JSON or TOML file, by extension (TOML always gives a mapping)."""
+    if path.endswith(".toml"):
+        import tomllib
+
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _check_type(name: str, value: Any, kind: type | tuple[type, ...], allowed: str) -> None:

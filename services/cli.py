@@ -14,7 +14,7 @@ import os
 import sys
 import typing
 
-from pmgd_node.config import ConfigError, JobConfig
+from pmgd_node.config import ConfigError, JobConfig, read_mapping
 
 _HELP = {
     "task": "parity2..parity12, fmnist, cifar10",
@@ -174,13 +174,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _load_mapping(path: str) -> dict:
-    if path.endswith(".toml"):
-        import tomllib
-
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_mapping(path)
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of study parameters")
     return data

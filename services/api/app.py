@@ -328,7 +328,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     @app.post("/jobs/{job_id}/evaluate", dependencies=[Depends(authorize)])
     def evaluate(job_id: str, body: EvaluateRequest) -> dict:
-        import io
+        from services.evaluator.inference import load_checkpoint
 
         job = jobs.get(job_id)
         ck = jobs.store.checkpoint(job_id)
@@ -337,15 +337,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         config = JobConfig.from_dict(job["config"])
         if settings.evaluator:
             return _remote_score(settings.evaluator, config, ck[1], body)
-        with np.load(io.BytesIO(ck[1])) as z:
-            theta = np.asarray(z["theta0"])
-        if theta.ndim == 2:
-            if body.run >= len(theta):
-                raise HTTPException(422, f"run: must be in [0, {len(theta)}) for this job; got {body.run}")
-            theta = theta[body.run]
         try:
+            theta, _ = load_checkpoint(ck[1], body.run)
             report = _score_in_process(config, theta, body)
-        except (RuntimeError, ValueError) as err:  # a missing data set, a bad split
+        except (RuntimeError, ValueError) as err:  # a run the job lacks, a missing data set
             raise HTTPException(422, str(err)) from None
         return dict(report, job=job_id, tick=ck[0], split=body.split)
 

@@ -182,22 +182,11 @@ def _console():
     return console
 
 
-def _read_config(path: str) -> dict:
-    """The fields of a JSON or TOML job-config file (by extension, as ``JobConfig.load``)."""
-    if path.endswith(".toml"):
-        import tomllib
-
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def cmd_submit(api: ApiClient, args: argparse.Namespace) -> int:
-    from pmgd_node.config import JobConfig
+    from pmgd_node.config import JobConfig, read_mapping
 
     try:
-        fields = _read_config(args.config)
+        fields = read_mapping(args.config)
     except (OSError, ValueError) as err:  # missing file, bad JSON/TOML
         raise ConfigFileError(f"{args.config}: {err}") from None
     JobConfig.from_dict(fields)  # validate here: a bad field raises ConfigError naming it

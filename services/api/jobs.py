@@ -196,10 +196,9 @@ class LocalRun(Run):
     def _checkpoint(self) -> None:
         snap = self.engine.snapshot()
         tick = int(snap.pop("tick"))
-        self.store.save_checkpoint(self.id, tick, snap.pop("theta0"), **snap)
+        data = self.store.save_checkpoint(self.id, tick, snap.pop("theta0"), **snap)
         self._checkpointed = time.monotonic()
-        if self.evaluator:
-            self.held_out(tick, self.store.checkpoint(self.id)[1])
+        self.held_out(tick, data)
 
     def _on_eval(self, point, solved: np.ndarray) -> None:
         values = {"cost": float(np.median(point.cost)), "accuracy": float(np.median(point.accuracy)),
@@ -288,8 +287,6 @@ class ClusterRun(Run):
                 values["c0"] = float(last["c0"])
         ck = d.get("checkpoint")
         if ck is not None:
-            self.store.save_checkpoint(self.id, ck["tick"], np.asarray(ck["theta0"]))
-            if self.evaluator:
-                self.held_out(ck["tick"], self.store.checkpoint(self.id)[1])
+            self.held_out(ck["tick"], self.store.save_checkpoint(self.id, ck["tick"], np.asarray(ck["theta0"])))
         self.rec.add(tick, values)
         self.rec.log_every(lambda: progress_line(tick, d["cost"], d["accuracy"], d["solved"], len(d["cost"])))

@@ -136,11 +136,13 @@ class Store:
         return series
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self, job: str, tick: int, theta0: np.ndarray, **extra: np.ndarray) -> None:
-        """θ⁰ at ``tick``, plus whatever else the runner needs to resume (``extra`` arrays)."""
+    def save_checkpoint(self, job: str, tick: int, theta0: np.ndarray, **extra: np.ndarray) -> bytes:
+        """θ⁰ at ``tick``, plus whatever else the runner needs to resume (``extra`` arrays);
+        returns the stored .npz bytes."""
         buf = io.BytesIO()
         np.savez(buf, theta0=theta0, tick=np.int64(tick), **extra)
         self._run("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", (job, int(tick), buf.getvalue()))
+        return buf.getvalue()
 
     def checkpoint(self, job: str) -> tuple[int, bytes] | None:
         """(tick, .npz bytes holding ``theta0`` and ``tick``) of the newest checkpoint, or None."""

@@ -142,10 +142,10 @@ class OutputStage:
     def needs_c0(self) -> bool:
         return self.discrete and self._c0_stale
 
-    def cost_variation(self, theta0: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    def cost_variation(self, theta0: np.ndarray | None, theta: np.ndarray) -> np.ndarray:
         """C̃ of this tick for the effective weights θ = θ⁰ + θ̃, one value per run.
 
-        When C₀ is stale (discrete mode) it is measured first: C₀ = C(θ⁰) on the current input
+        When C₀ is stale (:attr:`needs_c0`; ``theta0`` is then required) it is measured first: C₀ = C(θ⁰) on the current input
         (one unperturbed tick), held. Both passes then go through the network as one batch of
         2S runs, the same numbers at half the calls.
         """

@@ -44,6 +44,15 @@ UNITS = {"delay": "broadcast delay d (ticks of τ_p)", "jitter": "jitter spread 
          "drop": "drop probability p", "drift": "clock drift (rates 1 ± drift)"}
 
 
+def train_and_angle(point: Point, p: dict, ctx) -> list[dict]:
+    """A point's training rows, each with ``angle_deg``: the estimator alone, θ⁰ frozen under
+    the same job (links, imperfections), the angle of G to ∇C after ``angle_ticks`` ticks."""
+    rows = ctx.train(point.config).rows
+    for row, angle in zip(rows, angle_trace(point.config, p["angle_ticks"])[-1]):
+        row["angle_deg"] = float(angle)
+    return rows
+
+
 class LinkStudy(Study):
     field = "delay"
     values: list = [0, 1, 2, 4, 8]
@@ -80,19 +89,15 @@ class LinkStudy(Study):
         return out
 
     def run(self, point: Point, p: dict, ctx) -> list[dict]:
-        rows = ctx.train(point.config).rows
-        # The estimator alone: θ⁰ frozen, the same link, the angle of G to ∇C at the end.
-        angles = angle_trace(point.config, p["angle_ticks"])[-1]
-        for row, angle in zip(rows, angles):
-            row["angle_deg"] = float(angle)
+        rows = train_and_angle(point, p, ctx)
         if self.field == "delay" and point.key["perturbation"] == "fm":
-            predicted, ideal = self._fm_prediction(point.config, p["angle_ticks"])
+            predicted, ideal = self._fm_prediction(point.config)
             for row, a, b in zip(rows, predicted, ideal):
                 row["predicted_angle_deg"], row["ideal_angle_deg"] = float(a), float(b)
         return rows
 
     @staticmethod
-    def _fm_prediction(config: JobConfig, ticks: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fm_prediction(config: JobConfig) -> tuple[np.ndarray, np.ndarray]:
         """Predicted angles of the FM estimate to ∇C under an effective delay d = delay − compensation.
 
         Parameter i's tone at ω_i = 2πf_i passes the high-pass H(ω) = α(1 − e^{−iω})/(1 − αe^{−iω})

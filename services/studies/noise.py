@@ -14,10 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from pmgd_node.config import JobConfig
-from services.engine.angle_trace import angle_trace
-
 from . import plots
-from .links import BASE
+from .links import BASE, train_and_angle
 from .sweep import Point, Study
 
 UNITS = {"cost_noise": "cost noise σ_c", "update_noise": "update noise σ_u",
@@ -47,10 +45,7 @@ class Noise(Study):
         return out
 
     def run(self, point, p, ctx):
-        rows = ctx.train(point.config).rows
-        for row, angle in zip(rows, angle_trace(point.config, p["angle_ticks"])[-1]):
-            row["angle_deg"] = float(angle)
-        return rows
+        return train_and_angle(point, p, ctx)
 
     def _select(self, rows, imperfection, kind):
         levels = sorted({r["level"] for r in rows if r["imperfection"] == imperfection})
