@@ -59,3 +59,18 @@ def test_missing_data_names_the_file(tmp_path):
     r = pmgd("train", "--task", "fmnist", "--data-dir", str(tmp_path))
     assert r.returncode == 1
     assert "train-images-idx3-ubyte" in r.stderr and "fashion-mnist" in r.stderr.lower()
+
+
+def test_progress_updates_are_throttled(monkeypatch):
+    """The bar is updated at most once per window (an update per evaluation slowed a 2 s
+    parity run by a fifth); the first call and the first after each window get through."""
+    from services import train
+
+    now = [100.0]
+    monkeypatch.setattr(train.time, "monotonic", lambda: now[0])
+    seen = []
+    show = train._at_most_every(0.1, lambda *args: seen.append(args))
+    for t, step in ((1, 0.0), (2, 0.05), (3, 0.04), (4, 0.02), (5, 0.2)):
+        now[0] += step
+        show(t, "x")
+    assert seen == [(1, "x"), (4, "x"), (5, "x")]
