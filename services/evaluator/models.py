@@ -333,9 +333,9 @@ def _channels_last(x):
     """The same images, (…, C, H, W), stored channels-last, (…, H, W, C) in memory.
 
     The CPU convolutions (oneDNN) are faster on this layout for the paper's CNNs from two
-    images on (measured: 1.25× at 2, 1.5–2.2× at 100–1000). The layout is set by hand, not with ``memory_format``: for C = 1 torch counts
-    any channel stride as channels-last, and a stride-0 channel axis (``x[:, None]``) then
-    silently takes the slow path.
+    images on (measured: 1.25× at 2, 1.5–2.2× at 100–1000). The layout is set by hand, not
+    with ``memory_format``: for C = 1 torch counts any channel stride as channels-last, and
+    a stride-0 channel axis (``x[:, None]``) then silently takes the slow path.
     """
     torch = _torch()
     nd = x.ndim
