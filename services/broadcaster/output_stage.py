@@ -3,9 +3,12 @@
 Per perturbed tick t the stage
 
 1. changes the input every τ_x ticks (``batch`` samples at once, epochs shuffled by the job seed);
-2. in discrete mode, asks for a C₀ measurement whenever the input changed or θ⁰ was
-   updated since the last one (both known from the schedule: updates follow ticks with
-   (t+1) mod τ_θ = 0), and holds it: C̃ = C(θ⁰ + θ̃) − C₀;
+2. in discrete mode, asks for a C₀ measurement whenever the input changed or the θ⁰ it
+   holds changed since the last one, and holds it: C̃ = C(θ⁰ + θ̃) − C₀. In sync timing
+   θ⁰ changes on a schedule (updates follow ticks with (t+1) mod τ_θ = 0). In async timing
+   it changes whenever a newer shard with another θ⁰ reaches the broadcaster, at no tick
+   the stage can predict, so it compares the θ⁰ it is handed with the one C₀ was measured
+   on: either way C₀ is the cost of the held θ⁰ on the current input;
 3. in analog mode, high-pass filters C(t) instead (no C₀ measurements at all).
 
 The broadcaster service and the in-process engine both drive this class; they differ only
@@ -71,6 +74,8 @@ class OutputStage:
         self.train = train
         self.schedule = InputSchedule(len(train.y), config.batch, config.seed)
         self.discrete = config.mode == "discrete"
+        self.asynchronous = config.timing == "async"
+        self._c0_theta0: np.ndarray | None = None  # async: the θ⁰ the held C₀ was measured on
         self._tau_x, self._tau_theta = config.tau_x, config.tau_theta
         self.extractor = SampleAndHold() if self.discrete else HighPass(config.tau_hp)
         self.batch = None
@@ -89,7 +94,7 @@ class OutputStage:
             idx = self.schedule.indices(tick // self._tau_x)
             self.batch = self._prepare(idx)
             self._c0_stale = True
-        if tick > 0 and (not self.discrete or tick % self._tau_theta == 0):
+        if tick > 0 and not self.asynchronous and (not self.discrete or tick % self._tau_theta == 0):
             self._c0_stale = True
 
     def _prepare(self, idx: np.ndarray):
@@ -134,22 +139,30 @@ class OutputStage:
         else:
             ex._y, ex._x = arr(snap["held"]), arr(snap["last"])
         self._c0_stale = snap["c0_stale"]
+        self._c0_theta0 = None  # async: unknown after a restart, so C₀ is measured afresh
         self.c0_measurements = snap["c0_measurements"]
         # The input on show is the one presented at the last input change before ``tick``.
         self.batch = self._prepare(self.schedule.indices((tick - 1) // self._tau_x)) if tick > 0 else None
 
     @property
-    def needs_c0(self) -> bool:
-        return self.discrete and self._c0_stale
+    def needs_theta0(self) -> bool:
+        """Whether :meth:`cost_variation` needs the held θ⁰ this tick: to measure a stale C₀,
+        or (async) to find out whether it changed."""
+        return self.discrete and (self._c0_stale or self.asynchronous)
 
     def cost_variation(self, theta0: np.ndarray | None, theta: np.ndarray) -> np.ndarray:
         """C̃ of this tick for the effective weights θ = θ⁰ + θ̃, one value per run.
 
-        When C₀ is stale (:attr:`needs_c0`; ``theta0`` is then required) it is measured first: C₀ = C(θ⁰) on the current input
-        (one unperturbed tick), held. Both passes then go through the network as one batch of
+        ``theta0`` is the θ⁰ the broadcaster holds (required when :attr:`needs_theta0`).
+        When C₀ is stale it is measured first: C₀ = C(θ⁰) on the current input (one
+        unperturbed tick), held. Both passes then go through the network as one batch of
         2S runs, the same numbers at half the calls.
         """
-        if self.needs_c0:
+        if self.discrete and self.asynchronous and not self._c0_stale:
+            self._c0_stale = not np.array_equal(theta0, self._c0_theta0)
+        if self.discrete and self._c0_stale:
+            if self.asynchronous:
+                self._c0_theta0 = np.array(theta0, copy=True)
             both = self._forward(np.concatenate([theta0, theta]))
             s = len(theta)
             self.extractor.hold(self._noisy(both[:s], 0))

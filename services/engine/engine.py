@@ -120,7 +120,7 @@ class Engine:
         """Execute one perturbed tick (and the C₀ measurement it needs); returns C̃, (S,)."""
         t = self.tick
         self.stage.begin_tick(t)
-        theta0 = self.transport.gather_static() if self.stage.needs_c0 else None
+        theta0 = self.transport.gather_static() if self.stage.needs_theta0 else None
         c_tilde = self.stage.cost_variation(theta0, self.transport.gather_effective(t))
         self.transport.publish(c_tilde, t)
         self.tick = t + 1
