@@ -10,13 +10,17 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup train test bench clean browser
+.PHONY: setup train test lint bench clean browser lock
 
-$(STAMP): pyproject.toml Makefile
+# The exact versions CI tested (requirements.lock), not whatever the registry holds today;
+# pip check fails the install if the lock lacks a dependency of pyproject.toml or torch.
+$(STAMP): pyproject.toml requirements.lock Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==26.3
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,8 +35,19 @@ browser:
 	@test -x $(CHROMIUM) || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint browser
 	$(BIN)/python -m pytest
+
+# Re-resolve the lock from pyproject.toml in a scratch venv (after changing dependencies).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip==26.3 && .venv-lock/bin/pip install --quiet $(TORCH_SPEC)
+	.venv-lock/bin/pip install --quiet -e '.[test]'
+	{ sed -n '1,3p' requirements.lock; .venv-lock/bin/pip freeze --exclude-editable | grep -iv '^torch=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .venv-lock
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_overhead.py
