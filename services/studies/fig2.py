@@ -33,6 +33,7 @@ import math
 import numpy as np
 
 from pmgd_node.config import JobConfig
+from pmgd_node.cost_variation import highpass_gain
 from services.engine.angle_trace import angle_trace
 
 from .sweep import Context, Point, Study
@@ -55,14 +56,6 @@ def sample_ticks(p: dict) -> list[int]:
     and CM code periods of power-of-two sizes land on them)."""
     powers = {1 << k for k in range(int(p["ticks"]).bit_length()) if 1 << k <= p["ticks"]}
     return sorted(set(log_ticks(p["ticks"], p["samples_per_decade"])) | powers)
-
-
-def highpass_gain(freq: np.ndarray, tau_hp: float) -> np.ndarray:
-    """In-phase gain Re H(f) of the discrete high-pass y[t] = α(y[t−1] + x[t] − x[t−1]),
-    α = τ_hp/(τ_hp+1), at f cycles per tick: H = α(1 − e^{−iω})/(1 − α e^{−iω})."""
-    alpha = tau_hp / (tau_hp + 1.0)
-    z = np.exp(-2j * np.pi * np.asarray(freq, dtype=np.float64))
-    return (alpha * (1 - z) / (1 - alpha * z)).real
 
 
 class Fig2(Study):
