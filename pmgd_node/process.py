@@ -45,7 +45,7 @@ class NodeSettings:
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "127.0.0.1"
 
-    def with_node_id(self) -> "NodeSettings":
+    def with_node_id(self) -> NodeSettings:
         """These settings, with a host-and-pid node id when none was given."""
         return self if self.node_id else dataclasses.replace(self, node_id=f"{socket.gethostname()}-{os.getpid()}")
 
@@ -97,7 +97,8 @@ class NodeProcess:
         self.control.setsockopt(zmq.ROUTING_ID, settings.node_id.encode())
         self.weights = self.ctx.socket(zmq.PUSH)
         self.cost = self.ctx.socket(zmq.SUB)
-        for sock, ep in ((self.control, settings.control), (self.weights, settings.weights), (self.cost, settings.cost)):
+        for sock, ep in ((self.control, settings.control), (self.weights, settings.weights),
+                         (self.cost, settings.cost)):
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(ep)
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)

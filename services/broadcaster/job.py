@@ -250,7 +250,7 @@ class JobRun:
             os.replace(path + suffix + ".tmp", path + suffix)
 
     @classmethod
-    def load(cls, path: str, device: str | None = None, evaluator: str = "") -> "JobRun":
+    def load(cls, path: str, device: str | None = None, evaluator: str = "") -> JobRun:
         with open(path + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pmgd_node import imperfections
 from pmgd_node.config import JobConfig
 from pmgd_node.cost_variation import HighPass, SampleAndHold
-from pmgd_node import imperfections
 from pmgd_node.perturbation import seeded_uniform
 
 _ORDER_STREAM = 0x44415441  # "DATA"
@@ -133,7 +133,10 @@ class OutputStage:
     def restore(self, snap: dict, tick: int) -> None:
         """Return to the boundary before tick ``tick`` recorded by :meth:`snapshot`."""
         ex = self.extractor
-        arr = (lambda v: None if v is None else np.array(v, dtype=np.float64))
+
+        def arr(v):
+            return None if v is None else np.array(v, dtype=np.float64)
+
         if self.discrete:
             ex.c0 = arr(snap["held"])
         else:

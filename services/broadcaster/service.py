@@ -32,7 +32,6 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.settings import parse, serve
 from services.engine.engine import summarize
-
 from services.evaluator.remote import RemoteError
 
 from .job import JobRun
@@ -491,7 +490,8 @@ class Broadcaster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = parse(BroadcasterSettings, "PMGD_BROADCASTER_", "pmgd broadcaster", "run the PMGD cost-broadcaster", argv)
+    settings = parse(BroadcasterSettings, "PMGD_BROADCASTER_", "pmgd broadcaster", "run the PMGD cost-broadcaster",
+                     argv)
     return serve(Broadcaster(settings))
 
 

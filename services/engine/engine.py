@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def initial_parameters(model: Model, config: JobConfig) -> np.ndarray:
     return np.stack(rows).astype(model.dtype, copy=False)
 
 
-def meets_target(config: JobConfig, point: "EvalPoint") -> np.ndarray:
+def meets_target(config: JobConfig, point: EvalPoint) -> np.ndarray:
     """Per run: does this evaluation meet the job's stopping rule (accuracy and/or cost)?"""
     ok = np.ones(len(point.cost), dtype=bool)
     if config.target_accuracy is not None:

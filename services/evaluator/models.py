@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -290,14 +291,14 @@ class MLP(Model):
         grad = np.empty((s, self.num_params), dtype=np.float64)
         a = acts[-1]
         delta = (a - batch.target) * (2.0 / batch.size) * a * (1.0 - a)
-        for l in range(len(self._slices) - 1, -1, -1):
-            w0, b0, b1, n_out, n_in = self._slices[l]
-            a_prev = acts[l]
+        for k in range(len(self._slices) - 1, -1, -1):
+            w0, b0, b1, n_out, n_in = self._slices[k]
+            a_prev = acts[k]
             gw = np.matmul(delta, np.swapaxes(a_prev, -1, -2))  # (S, out, in)
             grad[:, w0:b0] = gw.reshape(s, -1)
             grad[:, b0:b1] = delta.sum(axis=-1)
-            if l:
-                w = params[l][0]
+            if k:
+                w = params[k][0]
                 delta = np.matmul(np.swapaxes(w, -1, -2), delta) * a_prev * (1.0 - a_prev)
         return grad[0] if single else grad
 

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import zmq

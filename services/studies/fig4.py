@@ -138,7 +138,8 @@ class Fig4(Study):
         a = self.panel_a(rows)
         b = self.panel_b(rows, p)
         return {
-            "solved_rule": f"mean cost ≤ {p['target_cost']} within the budget; stable: ≥ {p['stable_fraction']:.0%} solved",
+            "solved_rule": f"mean cost ≤ {p['target_cost']} within the budget; "
+                           f"stable: ≥ {p['stable_fraction']:.0%} solved",
             "panel_a": {str(m): [{k: v for k, v in s.items() if k != "eta"} for s in v] for m, v in a.items()},
             "panel_a_eta": p["eta_a"],
             "panel_b": {str(m): v for m, v in b.items()},
@@ -150,9 +151,10 @@ class Fig4(Study):
         colors = {1: "#1f77b4", 4: "#d62728"}
         figs = []
         a = self.panel_a(rows)
+        kind = plots.LABELS.get(p["perturbation"], p["perturbation"])
         if a:
             fig, axes = plots.figure(ncols=2, width=5.2, height=4.2,
-                                     title=f"Fig 4a: 2-bit parity, {plots.LABELS.get(p['perturbation'], p['perturbation'])}, "
+                                     title=f"Fig 4a: 2-bit parity, {kind}, "
                                            f"fixed η = {p['eta_a']:g}; solved: mean cost ≤ {p['target_cost']:g} "
                                            f"within {p['max_ticks_a']:,} ticks")
             ax, ax_f = axes[0]
@@ -180,17 +182,15 @@ class Fig4(Study):
         b = self.panel_b(rows, p)
         if b:
             fig, axes = plots.figure(ncols=3, width=4.6, height=4.2,
-                                     title=f"Fig 4b: 2-bit parity, {plots.LABELS.get(p['perturbation'], p['perturbation'])}: "
+                                     title=f"Fig 4b: 2-bit parity, {kind}: "
                                            f"largest stable η (≥ {p['stable_fraction']:.0%} of runs reach mean cost "
                                            f"≤ {p['target_cost']:g} in {p['max_ticks_b']:,} ticks)")
             ax_eta, ax_t, ax_f = axes[0]
             for m, stats in b.items():
                 xs = [s["tau_theta"] for s in stats]
                 eta = [np.nan if s["max_eta"] is None else s["max_eta"] for s in stats]
-                med = np.array([np.nan if s["median_ticks_at_max_eta"] is None else s["median_ticks_at_max_eta"]
-                                for s in stats], float)
-                lo = np.array([np.nan if s["q1_ticks_at_max_eta"] is None else s["q1_ticks_at_max_eta"] for s in stats], float)
-                hi = np.array([np.nan if s["q3_ticks_at_max_eta"] is None else s["q3_ticks_at_max_eta"] for s in stats], float)
+                med, lo, hi = (np.array([np.nan if s[key] is None else s[key] for s in stats], float)
+                               for key in ("median_ticks_at_max_eta", "q1_ticks_at_max_eta", "q3_ticks_at_max_eta"))
                 ax_eta.plot(xs, eta, marker="o", color=colors.get(m), label=f"mini-batch {m}")
                 for x, s, y in zip(xs, stats, eta):
                     if s["edge_of_grid"]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from pmgd_node.config import JobConfig
+
 from . import plots
 from .links import BASE, train_and_angle
 from .sweep import Point, Study
@@ -84,7 +85,8 @@ class Noise(Study):
             for ax in (top, mid, bottom):
                 if imperfection != "device_variation":
                     ax.set_xscale("log")
-                ax.set_xlabel(UNITS[imperfection] + (" (0 drawn at 10⁻⁴)" if imperfection != "device_variation" else ""))
+                zero = " (0 drawn at 10⁻⁴)" if imperfection != "device_variation" else ""
+                ax.set_xlabel(UNITS[imperfection] + zero)
                 ax.legend(fontsize=7)
             top.set_title(UNITS[imperfection])
         return [plots.save(fig, out, "noise.png")]

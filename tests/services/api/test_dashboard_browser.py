@@ -106,7 +106,8 @@ class DevTools:
 
     def wait(self, expression: str, timeout_s: float = 60):
         deadline = time.monotonic() + timeout_s
-        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"  # page may be loading
+        # The page may still be loading: a throwing expression counts as not yet.
+        guarded = f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
         while not (value := self.eval(guarded)):
             assert time.monotonic() < deadline, f"timed out waiting for: {expression}"
             time.sleep(0.1)
@@ -286,7 +287,8 @@ def test_dashboard_new_job_form_token_and_controls(tmp_path):
         # Without the token the API answers 401 and the form says so.
         msg = browser.wait("(m => m.includes('authorization') && m)(document.querySelector('#form-msg').textContent)")
         assert "token" in msg and api.get("/jobs") == []
-        browser.eval("(t => { t.value = 'secret'; t.dispatchEvent(new Event('input')); })(document.querySelector('#token'))")
+        browser.eval("(t => { t.value = 'secret'; t.dispatchEvent(new Event('input')); })"
+                     "(document.querySelector('#token'))")
         browser.eval(submit)
         job_id = browser.wait("new URLSearchParams(location.search).get('job')")  # the new job is selected
         job = api.get(f"/jobs/{job_id}")
@@ -304,7 +306,8 @@ def test_dashboard_new_job_form_token_and_controls(tmp_path):
             browser.wait(f"[...document.querySelectorAll('.controls button')].filter(b => !b.disabled)"
                          f".map(b => b.dataset.action).join(',') === '{buttons}'")
 
-        browser.wait("document.body.dataset.ready === '1' && document.querySelector('#job-state').textContent === 'running'")
+        browser.wait("document.body.dataset.ready === '1' "
+                     "&& document.querySelector('#job-state').textContent === 'running'")
         assert enabled() == "pause,stop"
         browser.wait("Number(document.querySelector('#plot-cost').dataset.points) > 0")
         click_and_wait("pause", "paused", "resume,stop")

@@ -10,7 +10,6 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-
 from test_api import Api  # the test directory is on sys.path (rootdir-relative imports)
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from services.evaluator import data as D
 
-
 # ----------------------------------------------------------------------------- parity
 
 

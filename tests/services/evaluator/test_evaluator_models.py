@@ -7,7 +7,6 @@ import torch
 from services.evaluator import data as D
 from services.evaluator import models as M
 
-
 # ----------------------------------------------------------------------------- counts
 
 
@@ -49,7 +48,10 @@ def test_mlp_flat_layout_and_xor_solution():
     b = m.prepare(d.x, d.y)
     assert m.accuracy(XOR_THETA, b) == 1.0
     assert m.cost(XOR_THETA, b) < 1e-3
-    sig = lambda z: 1 / (1 + np.exp(-z))
+
+    def sig(z):
+        return 1 / (1 + np.exp(-z))
+
     h = sig(d.x @ XOR_THETA[:4].reshape(2, 2).T + XOR_THETA[4:6])
     out = sig(h @ XOR_THETA[6:8] + XOR_THETA[8])
     np.testing.assert_allclose(m.forward(XOR_THETA, d.x)[:, 0], out, rtol=1e-12)
