@@ -5,7 +5,8 @@ validated once, at construction: a bad value raises :class:`ConfigError` naming 
 and the allowed values, so nothing downstream ever sees an invalid job.
 
 Conventions (DESIGN §1): η is normalised so that ``E[ε_i] = ∂C/∂θ_i`` for every perturbation
-type; τ_θ and τ_x are in perturbed ticks; the mini-batch of discrete mode is τ_θ/τ_x samples.
+type (analog FM: times its tone's high-pass gain Re H(f_i), unless ``fm_gain_correction``);
+τ_θ and τ_x are in perturbed ticks; the mini-batch of discrete mode is τ_θ/τ_x samples.
 Run ``r`` of a multi-seed job uses seed ``seed + r`` for its initialisation and perturbation,
 so run 0 of ``--seeds 100 --seed 7`` is the single run ``--seed 7``; all runs of one job see
 the same input order (drawn from ``seed``).
@@ -94,6 +95,14 @@ class JobConfig:
     cost_noise: float = 0.0  # σ of Gaussian read-out noise on every measured cost
     update_noise: float = 0.0  # σ of Gaussian noise added to every weight update
     device_variation: float = 0.0  # σ of the fixed per-parameter perturbation and update gains (1 ± σ)
+    # Analog FM only. The high-pass extraction passes tone i with in-phase gain Re H(f_i)
+    # (pmgd_node.cost_variation.highpass_gain: 0.05–0.8 over the default band for P = 16 at
+    # τ_hp = 2), so by default E[ε_i] = Re H(f_i)·∂C/∂θ_i: G is tilted towards the high tones.
+    # True: every node divides its ε_i by its own tone's gain, max(Re H(f_i), 0.01) (gains
+    # below the floor GAIN_FLOOR = 0.01, tones near f = 0, are clipped to it), so E[ε_i] =
+    # ∂C/∂θ_i for every tone above the floor at any τ_hp (when ε correlates C̃ with the θ̃ that
+    # produced it: no delay, tagged, or compensated).
+    fm_gain_correction: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
@@ -252,6 +261,11 @@ def _validate(c: JobConfig) -> None:
     _float_range("cost_noise", c.cost_noise, 0.0, 1e3, lo_open=False)
     _float_range("update_noise", c.update_noise, 0.0, 1e3, lo_open=False)
     _float_range("device_variation", c.device_variation, 0.0, 1.0, lo_open=False)
+    if not isinstance(c.fm_gain_correction, bool):
+        raise ConfigError("fm_gain_correction", f"must be true or false; got {c.fm_gain_correction!r}")
+    if c.fm_gain_correction and c.perturbation != "fm":
+        raise ConfigError("fm_gain_correction",
+                          f"corrects the analog FM high-pass gain; use it with perturbation fm, not {c.perturbation}")
 
 
 def _validate_link(prefix: str, values: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ values θ⁰, its perturbation generator and its integrator. It hears one global
 run and tick, the cost variation C̃[t], and updates itself from that and local state alone:
 
     ε_i[t] = C̃[t] · θ̃_i[t] / ⟨θ̃_i²⟩                      (error signal)
+             (analog FM with ``fm_gain_correction``: also / max(Re H(f_i), GAIN_FLOOR),
+              its own tone's high-pass gain, pmgd_node.cost_variation)
     G_i    ← integrate(G_i, ε_i)                          (sum, momentum or leaky lowpass)
     θ⁰_i   ← θ⁰_i − η·G_i    every τ_θ ticks (discrete; after tick t with (t+1) mod τ_θ = 0)
                               every tick      (analog: dθ⁰/dt = −ηG, one step per tick)
@@ -21,6 +23,7 @@ import numpy as np
 
 from . import imperfections
 from .config import JobConfig
+from .cost_variation import corrected_gain
 from .integrator import make_integrator
 from .perturbation import Perturbation, make_perturbation
 
@@ -49,6 +52,10 @@ class ParameterNode:
             config.resolved_integrator, theta0.shape, config.tau_theta, config.momentum_decay, theta0.dtype
         )
         self._inv_power = theta0.dtype.type(1.0 / self.perturbation.power)
+        if config.fm_gain_correction:
+            # Each tone's own gain: a function of (seed, index) alone, so sharding changes nothing.
+            gain = corrected_gain(self.perturbation.freq[:, start:stop], config.tau_hp)
+            self._inv_power = (1.0 / (self.perturbation.power * gain)).astype(theta0.dtype)
         self._eta = theta0.dtype.type(config.eta)
         self._analog = config.mode == "analog"
         self._tagged = config.correlation == "tagged"

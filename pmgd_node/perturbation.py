@@ -8,7 +8,8 @@ Arrays carry a leading run axis S (one seed per independent run): ``values`` ret
 ``(S, stop − start)``, ``block`` returns ``(T, S, stop − start)`` for ticks ``t0 … t0+T−1``.
 
 ``power`` is the time-averaged perturbation power ⟨θ̃_i²⟩ used to normalise the error
-signal ε_i = C̃·θ̃_i/⟨θ̃_i²⟩, which makes E[ε_i] = ∂C/∂θ_i for every type:
+signal ε_i = C̃·θ̃_i/⟨θ̃_i²⟩, which makes E[ε_i] = ∂C/∂θ_i for every type when C̃ = C − C₀
+(analog FM's high-pass C̃ scales tone i by Re H(f_i): see ``JobConfig.fm_gain_correction``):
 
 =====  =====================================================  ==========
 type   θ̃_i[t]                                                 ⟨θ̃_i²⟩

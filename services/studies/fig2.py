@@ -17,7 +17,9 @@ What theory says, P parameters (16 here):
   √(t (P−1))·‖g‖ against t·‖g‖ of signal:  angle(t) ≈ arctan √((P−1)/t)  (drawn dashed).
 * FM: tones are orthogonal over long times, but the high-pass extraction (τ_hp) scales
   tone i by its in-phase gain Re H(f_i), so G → D·∇C with D = diag(Re H(f_i)) and the angle
-  levels off at angle(D∇C, ∇C) (column ``angle_limit``, computed per network).
+  levels off at angle(D∇C, ∇C) (column ``angle_limit``, computed per network). With
+  ``fm_gain_correction`` every node divides by its own max(Re H(f_i), GAIN_FLOOR), D → 1 for
+  every tone above the floor, and the limit is 0°: FM then falls like the others.
 
 One row per (type, seed): ``angle_t{T}`` is the angle after T ticks, T on a logarithmic grid
 (``samples_per_decade`` per decade, every integer tick at the start) up to ``ticks``. Wide
@@ -33,7 +35,7 @@ import math
 import numpy as np
 
 from pmgd_node.config import JobConfig
-from pmgd_node.cost_variation import highpass_gain
+from pmgd_node.cost_variation import corrected_gain, highpass_gain
 from services.engine.angle_trace import angle_trace
 
 from .sweep import Context, Point, Study
@@ -73,6 +75,7 @@ class Fig2(Study):
         "batch": 8,  # samples shown at once: 8 = all of 3-bit parity, the full-data gradient
         "tau_hp": 2.0,  # FM: high-pass time constant of the cost extraction, ticks
         "fm_band": [0.0, 0.5],  # FM: tone band, cycles per tick (paper: bandwidth 1/2τ_p)
+        "fm_gain_correction": False,  # FM: each node divides its ε by its tone's high-pass gain
         "samples_per_decade": 24,  # columns angle_t{T} per decade of ticks
     }
 
@@ -80,7 +83,8 @@ class Fig2(Study):
         return JobConfig(task=p["task"], network=p["network"], perturbation=kind,
                          mode="analog" if kind == "fm" else "discrete", amplitude=p["amplitude"],
                          batch=p["batch"], tau_hp=p["tau_hp"], fm_band=tuple(p["fm_band"]), seed=p["seed"],
-                         seeds=p["seeds"], target_accuracy=None)
+                         seeds=p["seeds"], target_accuracy=None,
+                         fm_gain_correction=kind == "fm" and p["fm_gain_correction"])
 
     def points(self, p: dict) -> list[Point]:
         return [Point({"type": kind}, self.config(p, kind)) for kind in p["types"]]
@@ -100,7 +104,8 @@ class Fig2(Study):
 
     @staticmethod
     def _fm_limit(config: JobConfig) -> list[float]:
-        """Per network: angle(D∇C, ∇C), D = diag(Re H(f_i)), the FM trace's long-time limit."""
+        """Per network: angle(D∇C, ∇C), D = diag(Re H(f_i)), the FM trace's long-time limit
+        (corrected: D = diag(Re H(f_i)/max(Re H(f_i), GAIN_FLOOR)), 1 above the floor)."""
         from pmgd_node.perturbation import FrequencyMultiplexed
         from services.engine.engine import initial_parameters
         from services.evaluator.data import load
@@ -114,7 +119,10 @@ class Fig2(Study):
         grad = model.gradient(initial_parameters(model, config), model.prepare(data.x, data.y))
         fm = FrequencyMultiplexed(model.num_params, config.seed + np.arange(config.seeds), config.amplitude,
                                   config.fm_band)
-        return [float(a) for a in angle_degrees(highpass_gain(fm.freq, config.tau_hp) * grad, grad)]
+        gain = highpass_gain(fm.freq, config.tau_hp)
+        if config.fm_gain_correction:
+            gain = gain / corrected_gain(fm.freq, config.tau_hp)
+        return [float(a) for a in angle_degrees(gain * grad, grad)]
 
     def figures(self, rows: list[dict], p: dict, out: str) -> list[str]:
         from . import plots
@@ -130,13 +138,14 @@ class Fig2(Study):
             if not mine:
                 continue
             ys = [[r[f"angle_t{t}"] for t in ticks] for r in mine]
-            label = plots.LABELS.get(kind, kind) + (" (analog)" if kind == "fm" else "")
+            label = plots.LABELS.get(kind, kind) + (_fm_note(p) if kind == "fm" else "")
             plots.band(ax, ticks, ys, label, plots.COLORS.get(kind))
             if kind == "fm":
                 lim = [r["angle_limit"] for r in mine if r.get("angle_limit") not in (None, "")]
                 if lim:
+                    what = "gain-corrected high-pass" if p["fm_gain_correction"] else "high-pass gain"
                     ax.axhline(float(np.median(lim)), color=plots.COLORS["fm"], linestyle=":", linewidth=1,
-                               label=f"FM limit from the high-pass gain (τ_hp = {p['tau_hp']:g})")
+                               label=f"FM limit from the {what} (τ_hp = {p['tau_hp']:g})")
         if "rcm" in p["types"]:
             P = rows[0].get("num_params") or 16
             t = np.asarray(ticks, dtype=np.float64)
@@ -172,6 +181,10 @@ class Fig2(Study):
             out["rcm_theory_deg"] = {str(t): round(math.degrees(math.atan(math.sqrt((P - 1) / t))), 2) for t in at}
         out["all_fall"] = all(v["falls"] for v in out["falls_with_time"].values())
         return out
+
+
+def _fm_note(p: dict) -> str:
+    return " (analog, gain-corrected)" if p.get("fm_gain_correction") else " (analog)"
 
 
 def _num_params(config: JobConfig) -> int:

@@ -13,8 +13,9 @@ Because E[ε_i] = ∂C/∂θ_i for every type, PMGD at effective η follows, on 
 descent at learning rate η: the backprop curve at lr = ``eta`` (full-batch when batch = 4)
 is what the PMGD curves should track, up to perturbation noise. FM's high-pass passes tone
 i with in-phase gain Re H(f_i) < 1 (mean ⅔ at τ_hp = 2 over the band), so FM's effective rate
-is about a third lower. Backprop runs start from the same θ⁰ as the PMGD runs of the same
-seed.
+is about a third lower, unless ``fm_gain_correction`` (each node divides its ε by its own
+tone's gain, so E[ε] = ∇C for FM too). Backprop runs start from the same θ⁰ as the PMGD runs of
+the same seed.
 
 No stopping rule: every run trains for ``epochs`` epochs, so the curves share one axis.
 Solved: first check (every ``eval_every`` ticks) at 100 % accuracy (``epochs_to_solution``)
@@ -51,6 +52,7 @@ class Fig5(Study):
         "fm_tau_theta": 4,  # FM lowpass time constant, ticks (FM η = eta / fm_tau_theta)
         "tau_hp": 2.0,  # FM high-pass time constant, ticks
         "fm_band": [0.0, 0.5],  # FM band, cycles per tick (paper: bandwidth 1/2τ_p)
+        "fm_gain_correction": False,  # FM: each node divides its ε by its tone's high-pass gain
         "backprop_lrs": [0.5, 1.0, 2.0],
         "epochs": 2000,
         "eval_every": 10,  # ticks between cost checks
@@ -65,7 +67,7 @@ class Fig5(Study):
                          amplitude=p["amplitude"], eta=p["eta"] / tau_theta, tau_theta=tau_theta, tau_x=1,
                          tau_hp=p["tau_hp"], fm_band=tuple(p["fm_band"]), batch=p["batch"], seed=p["seed"],
                          seeds=p["seeds"], max_ticks=self.ticks(p), target_accuracy=None,
-                         eval_every=p["eval_every"])
+                         eval_every=p["eval_every"], fm_gain_correction=analog and p["fm_gain_correction"])
 
     @staticmethod
     def ticks(p: dict) -> int:
@@ -134,7 +136,7 @@ class Fig5(Study):
             sol = [r["epochs_to_solution"] for r in mine if r["epochs_to_solution"] not in (None, "")]
             low = [r["epochs_to_cost"] for r in mine if r["epochs_to_cost"] not in (None, "")]
             q = np.percentile(sol, [25, 50, 75]).tolist() if sol else [None] * 3
-            curves[_label(kind, eta)] = {
+            curves[_label(kind, eta, p)] = {
                 "type": kind, "eta": eta, "runs": len(mine), "solved": len(sol),
                 "median_epochs_to_solution": q[1], "q1": q[0], "q3": q[2],
                 "reached_cost": len(low), "median_epochs_to_cost": float(np.median(low)) if low else None,
@@ -162,7 +164,7 @@ class Fig5(Study):
             names = [k for k in mine[0] if k.startswith("cost_e")]
             cols = [float(k[len("cost_e"):]) for k in names]
             ys = [[r[k] for k in names] for r in mine]
-            label = _label(kind, eta)
+            label = _label(kind, eta, p)
             if kind == "backprop":
                 color = grey[min(bp, 2)]
                 bp += 1
@@ -211,10 +213,11 @@ def _plain_formatter(minor: bool = False):
     return FuncFormatter(fmt)
 
 
-def _label(kind: str, eta: float) -> str:
+def _label(kind: str, eta: float, p: dict) -> str:
     if kind == "backprop":
         return f"backprop lr {eta:g}"
-    return {"tm": "TM", "cm": "CM", "rcm": "R-CM", "fm": "FM (analog)"}.get(kind, kind)
+    fm = "FM (analog, gain-corrected)" if p.get("fm_gain_correction") else "FM (analog)"
+    return {"tm": "TM", "cm": "CM", "rcm": "R-CM", "fm": fm}.get(kind, kind)
 
 
 def _by_curve(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:

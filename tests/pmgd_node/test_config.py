@@ -63,3 +63,13 @@ def test_round_trip_dict_and_files(tmp_path):
 def test_unknown_field_rejected_with_the_list_of_fields():
     with pytest.raises(ConfigError, match="'learning_rate'.*allowed fields: task"):
         JobConfig.from_dict({"learning_rate": 1})
+
+
+def test_fm_gain_correction_is_a_bool_for_fm_only():
+    assert JobConfig().fm_gain_correction is False
+    assert JobConfig(perturbation="fm", mode="analog", fm_gain_correction=True).fm_gain_correction is True
+    for bad in ("true", 1, None):
+        with pytest.raises(ConfigError, match="'fm_gain_correction'.*true or false"):
+            JobConfig(perturbation="fm", mode="analog", fm_gain_correction=bad)
+    with pytest.raises(ConfigError, match="'fm_gain_correction'.*perturbation fm, not rcm"):
+        JobConfig(fm_gain_correction=True)
