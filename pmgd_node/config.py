@@ -35,11 +35,15 @@ TASK_HELP = "parity2..parity12, fmnist, cifar10"
 
 
 class ConfigError(ValueError):
-    """A job-config field holds a value outside its allowed range."""
+    """A job-config field holds a value outside its allowed range.
 
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"job config field '{field_name}': {message}")
+    ``kind`` says what ``field_name`` names, so that other settings checked the same way
+    (a study parameter, a config file) are not mistaken for job-config fields.
+    """
+
+    def __init__(self, field_name: str, message: str, kind: str = "job config field"):
+        self.field, self.message = field_name, message
+        super().__init__(f"{kind} '{field_name}': {message}")
 
 
 def _default_network(task: str) -> str:
@@ -159,14 +163,38 @@ class JobConfig:
 
 
 def read_mapping(path: str) -> Any:
-    """The contents of a JSON or TOML file, by extension (TOML always gives a mapping)."""
-    if path.endswith(".toml"):
-        import tomllib
+    """The contents of a JSON or TOML file, by extension (TOML always gives a mapping).
 
+    Every command reads its config files through here, so a file that cannot be read or
+    parsed stops each of them the same way: a :class:`ConfigError` naming the file, the
+    line and column, and what is wrong (never a parser's traceback).
+    """
+    import tomllib
+
+    try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+            text = f.read().decode("utf-8")
+        return tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+    except OSError as err:
+        raise ConfigError(path, f"cannot read it: {err.strerror or err}", kind="config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, f"byte {err.start}: not UTF-8 text", kind="config file") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(path, f"line {err.lineno}, column {err.colno}: {err.msg}", kind="config file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, _toml_error(str(err), text), kind="config file") from None
+
+
+def _toml_error(message: str, text: str) -> str:
+    """tomllib's "Invalid value (at line 2, column 5)" as "line 2, column 5: Invalid value"
+    (Python 3.11 gives the position only inside the message; "at end of document" is the last line)."""
+    where = re.search(r" \(at (?:line (\d+), column (\d+)|end of document)\)$", message)
+    if where is None:
+        return message
+    what = message[:where.start()]
+    if where.group(1):
+        return f"line {where.group(1)}, column {where.group(2)}: {what}"
+    return f"line {max(1, len(text.splitlines()))} (end of file): {what}"
 
 
 def _check_type(name: str, value: Any, kind: type | tuple[type, ...], allowed: str) -> None:

@@ -38,10 +38,6 @@ class ApiError(RuntimeError):
         super().__init__(f"{detail} (HTTP {status} on {method} {path})")
 
 
-class ConfigFileError(RuntimeError):
-    """A job-config file that cannot be read or parsed."""
-
-
 class ApiUnreachable(RuntimeError):
     def __init__(self, url: str, reason: str):
         self.url = url
@@ -185,10 +181,7 @@ def _console():
 def cmd_submit(api: ApiClient, args: argparse.Namespace) -> int:
     from pmgd_node.config import JobConfig, read_mapping
 
-    try:
-        fields = read_mapping(args.config)
-    except (OSError, ValueError) as err:  # missing file, bad JSON/TOML
-        raise ConfigFileError(f"{args.config}: {err}") from None
+    fields = read_mapping(args.config)  # a file it cannot read or parse: ConfigError naming the file and line
     JobConfig.from_dict(fields)  # validate here: a bad field raises ConfigError naming it
     # Send the file's fields, not the filled-in config: the API fills in its own defaults, so
     # a client and an API of different versions agree on every field the user did not set.
@@ -344,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     api = ApiClient(url, token)
     try:
         return _COMMANDS[args.command](api, args)
-    except (ConfigError, ConfigFileError) as err:
+    except ConfigError as err:
         print(f"pmgd jobs: error: {err}", file=sys.stderr)
         return 2
     except ApiError as err:
