@@ -21,6 +21,6 @@ def get(name: str) -> Study:
     from pmgd_node.config import ConfigError
 
     if name not in MODULES:
-        raise ConfigError("study", f"must be one of {', '.join(MODULES)}; got {name!r}")
+        raise ConfigError(name, f"no such study; the studies: {', '.join(MODULES)}", kind="study")
     module = importlib.import_module(f"services.studies.{MODULES[name]}")
     return module.STUDIES[name]()

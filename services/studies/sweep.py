@@ -71,16 +71,33 @@ class Study(ABC):
         return {}
 
 
+def param_error(name: str, message: str) -> ConfigError:
+    """A bad study parameter, labelled as one (not as a job-config field)."""
+    return ConfigError(name, message, kind="study parameter")
+
+
 def resolve_params(study: Study, given: dict[str, Any]) -> dict[str, Any]:
-    """The study's defaults overridden by ``given``, each converted to its default's type."""
+    """The study's defaults overridden by ``given``, each converted to its default's type.
+
+    The study's points are built once here, so that a value no job accepts stops the study
+    before it starts, named as the study parameter it came from."""
     unknown = sorted(set(given) - set(study.params))
     if unknown:
-        raise ConfigError(unknown[0], f"not a parameter of study {study.name}; its parameters: "
+        raise param_error(unknown[0], f"not a parameter of study {study.name}; its parameters: "
                                       f"{', '.join(study.params)}")
     out = dict(study.params)
     for name, value in given.items():
         default = study.params[name]
         out[name] = _convert(name, value, default)
+    try:
+        study.points(out)
+    except ConfigError as err:
+        if err.field in study.params:  # a parameter passed on to the job field of the same name
+            raise param_error(err.field, err.message) from None
+        raise ConfigError(study.name, f"its parameters make a job no engine accepts: {err}", kind="study") from None
+    except (ValueError, KeyError, TypeError) as err:  # e.g. a perturbation type the study has no base for
+        raise ConfigError(study.name, f"its parameters do not fit together: {type(err).__name__}: {err}",
+                          kind="study") from None
     return out
 
 
@@ -89,14 +106,14 @@ def _convert(name: str, value: Any, default: Any) -> Any:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise ConfigError(name, f"must be JSON like {json.dumps(default)}; got {value!r}") from None
+            raise param_error(name, f"must be JSON like {json.dumps(default)}; got {value!r}") from None
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value]
     if default is not None and not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
-        raise ConfigError(name, f"must be of type {kind.__name__} like {json.dumps(default)}; got {value!r}")
+        raise param_error(name, f"must be of type {kind.__name__} like {json.dumps(default)}; got {value!r}")
     return value
 
 
@@ -135,7 +152,7 @@ class Context:
 
     def __init__(self, engine: str = "local", cluster_nodes: int = 2, device: str | None = None):
         if engine not in ("local", "cluster"):
-            raise ConfigError("engine", f"must be local or cluster; got {engine!r}")
+            raise ConfigError("--engine", f"must be local or cluster; got {engine!r}", kind="option")
         self.engine, self.cluster_nodes, self.device = engine, cluster_nodes, device
         self._cluster = None
 
@@ -219,8 +236,8 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
             old = json.load(f)
         if old.get("study") != study.name or old.get("params") != json.loads(json.dumps(params)) \
                 or old.get("engine") != engine:
-            raise ConfigError("out", f"{out} holds study {old.get('study')} with other parameters or engine; "
-                                     "use another --out to start afresh")
+            raise ConfigError("--out", f"{out} holds study {old.get('study')} with other parameters or engine; "
+                                     "use another --out to start afresh", kind="option")
         points_path = os.path.join(out, "points.jsonl")
         if os.path.exists(points_path):
             with open(points_path, encoding="utf-8") as f:
