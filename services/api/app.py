@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pmgd_node.config import JobConfig
 from pmgd_node.settings import parse
+from services.cluster.client import fit_to_cluster
 
 from .jobs import ClusterRun, LocalRun, Run
 from .store import STATES, Store, UnknownJob
@@ -79,10 +80,16 @@ def _config(body: JobCreate, settings: ApiSettings) -> JobConfig:
     if settings.data_dir and not data.get("data_dir"):
         data["data_dir"] = settings.data_dir
     try:
-        return JobConfig.from_dict(data)
+        config = JobConfig.from_dict(data)
+        if body.engine == "cluster" and settings.broadcaster:
+            # Unset nodes: every node the cluster has (the stored config says how many).
+            config = JobConfig.from_dict(fit_to_cluster(data, settings.broadcaster))
+        return config
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         # ConfigError names the field; the others come from values of the wrong type.
         raise HTTPException(422, f"config: {err}") from None
+    except RuntimeError as err:  # the broadcaster does not answer
+        raise HTTPException(409, f"engine: {err}") from None
 
 
 class Metrics:
@@ -372,8 +379,9 @@ def _remote_score(base: str, config: JobConfig, npz: bytes, req: EvaluateRequest
     except httpx.HTTPError as err:
         raise HTTPException(502, f"evaluator {base}: {err}") from None
     if r.status_code >= 400:
-        raise HTTPException(r.status_code if r.status_code < 500 else 502,
-                            f"evaluator: {r.json().get('detail', r.text) if r.headers.get('content-type', '').startswith('application/json') else r.text}")
+        is_json = r.headers.get("content-type", "").startswith("application/json")
+        detail = r.json().get("detail", r.text) if is_json else r.text
+        raise HTTPException(r.status_code if r.status_code < 500 else 502, f"evaluator: {detail}")
     return r.json()
 
 

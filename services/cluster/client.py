@@ -1,15 +1,16 @@
-"""A client of the broadcaster's control socket: submit a job, follow its progress."""
+"""A client of the broadcaster's control socket: submit a job, follow its progress, read the
+broadcaster's state, and fit a job's node count to the nodes the cluster has."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
 from pmgd_node import protocol as p
-from pmgd_node.config import JobConfig
+from pmgd_node.config import ConfigError, JobConfig
 
 
 class JobFailed(RuntimeError):
@@ -81,3 +82,34 @@ def status(control: str, timeout_s: float = 5.0) -> dict:
         return msg.data
     finally:
         sock.close(linger=0)
+
+
+def fit_to_cluster(fields: dict, control: str, wait_s: float = 10.0) -> dict:
+    """``fields`` (job-config fields as the user set them) fitted to the cluster at ``control``.
+
+    Only the broadcaster knows how many nodes are connected, so every command that sends a
+    job to a running cluster (``pmgd train --cluster``, the API's cluster jobs) asks it here:
+    a job that does not set ``nodes`` takes every connected node (none of ``pmgd up --nodes
+    N``'s nodes sits idle), and one that asks for more nodes than are connected is refused
+    naming the field, rather than waiting for nodes that may never come. Nodes still joining
+    get up to ``wait_s`` seconds. Raises RuntimeError when the broadcaster does not answer.
+    """
+    asked = fields.get("nodes")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            connected = len(status(control, timeout_s=max(1.0, deadline - time.monotonic()))["nodes"])
+        except TimeoutError:
+            raise RuntimeError(f"the broadcaster at {control} does not answer") from None
+        if connected >= (asked or 1) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if asked is None:
+        if connected == 0:
+            raise ConfigError("nodes", f"no node is connected to the broadcaster at {control}; start nodes "
+                                       "(pmgd node) and submit again")
+        return dict(fields, nodes=connected)
+    if asked > connected:
+        raise ConfigError("nodes", f"the job asks for {asked} nodes but {connected} are connected to the "
+                                   f"broadcaster at {control}; set nodes to at most {connected} or start more nodes")
+    return fields

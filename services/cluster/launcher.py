@@ -4,7 +4,8 @@ It starts the broadcaster, N parameter nodes and optionally the evaluator and th
 with exactly the commands the compose file runs (``pmgd broadcaster``, ``pmgd node``,
 ``pmgd evaluator``, ``pmgd api``), on free loopback ports, and stops them all:
 SIGTERM first, SIGKILL after a grace period. Children also get SIGTERM from the kernel if
-the launcher itself dies (PR_SET_PDEATHSIG), so no process outlives it.
+the launcher itself dies (PR_SET_PDEATHSIG), so no process outlives it. ``say`` hears each
+step as it happens (``pmgd up`` prints them: the processes take seconds to come up).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,7 +40,8 @@ class LocalCluster:
 
     def __init__(self, nodes: int, host: str = "127.0.0.1", state_dir: str = "", heartbeat_timeout_s: float = 2.0,
                  log_dir: str = "", env: dict | None = None, remote_evaluator: bool = False, api: bool = False,
-                 api_db: str = "pmgd.sqlite", metrics: bool = False):
+                 api_db: str = "pmgd.sqlite", metrics: bool = False, say: Callable[[str], None] | None = None):
+        self.say = say or (lambda text: None)
         ports = [free_port() for _ in range(3)]
         self.host = host
         self.endpoints = {name: f"tcp://{host}:{port}" for name, port in zip(("control", "weights", "cost"), ports)}
@@ -103,15 +106,19 @@ class LocalCluster:
         self.nodes.append(proc)
         return proc
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         if "evaluator" in self.endpoints:
+            self.say("starting the evaluator…")
             self.evaluator = self._spawn(["evaluator", f"--endpoint={self.endpoints['evaluator']}",
                                           f"--http-host={self.host}",
                                           f"--http-port={self.evaluator_url.rsplit(':', 1)[1]}"], "evaluator")
+        self.say("starting the broadcaster…")
         self.start_broadcaster()
-        for _ in range(self.num_nodes):
+        for k in range(self.num_nodes):
+            self.say(f"starting node {k + 1}/{self.num_nodes}…")
             self.start_node()
         if self.api_url:
+            self.say("starting the API…")
             args = ["api", f"--host={self.host}", f"--port={self.api_url.rsplit(':', 1)[1]}", f"--db={self.api_db}",
                     f"--broadcaster={self.endpoints['control']}"]
             if "evaluator" in self.endpoints:
@@ -119,22 +126,43 @@ class LocalCluster:
             self.api = self._spawn(args, "api")
         return self
 
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Block until the API (when started) answers /health; raise if a process died."""
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until every node has joined the broadcaster and the API (when started)
+        answers /health; raise if a process died. A job submitted after this finds all the
+        nodes (a job that does not set ``nodes`` takes those connected: client.fit_to_cluster)."""
         import urllib.request
 
+        from .client import status
+
         deadline = time.monotonic() + timeout_s
+        self.say(f"waiting for {self.num_nodes} node(s) to join…")
+        joined = -1
+        while joined < self.num_nodes:
+            self._check_alive(deadline, f"{self.num_nodes} nodes to join the broadcaster", timeout_s)
+            try:
+                now = len(status(self.endpoints["control"], timeout_s=1.0)["nodes"])
+            except TimeoutError:
+                continue  # the broadcaster is still starting
+            if now != joined:
+                joined = now
+                self.say(f"{joined}/{self.num_nodes} nodes joined")
+            time.sleep(0.1)
+        if self.api_url:
+            self.say("waiting for the API…")
         while self.api_url:
-            dead = [p.args for p in self.processes() if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"cluster process exited early: {dead[0]}")
+            self._check_alive(deadline, f"the API at {self.api_url}", timeout_s)
             try:
                 urllib.request.urlopen(self.api_url + "/health", timeout=1).read()
                 return
             except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the API at {self.api_url} did not come up within {timeout_s:g} s") from None
                 time.sleep(0.1)
+
+    def _check_alive(self, deadline: float, waiting_for: str, timeout_s: float) -> None:
+        dead = [p.args for p in self.processes() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"cluster process exited early: {dead[0]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:g} s for {waiting_for}")
 
     def processes(self) -> list[subprocess.Popen]:
         return [p for p in [self.api, self.evaluator, self.broadcaster, *self.nodes] if p is not None]
@@ -153,7 +181,7 @@ class LocalCluster:
         for f in self._logs:
             f.close()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
