@@ -12,47 +12,104 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 
-from pmgd_node.config import ConfigError, JobConfig, read_mapping
+from pmgd_node.config import (
+    CORRELATIONS,
+    INTEGRATORS,
+    JITTER_DISTS,
+    MODES,
+    PERTURBATIONS,
+    TIMINGS,
+    ConfigError,
+    JobConfig,
+    read_mapping,
+)
 
+# One line per job-config field; the flag's default is appended from JobConfig itself.
 _HELP = {
-    "task": "parity2..parity12, fmnist, cifar10",
-    "network": "MLP spec like 2-2-1 for parity (default: the task's reference network)",
-    "perturbation": "tm, cm, rcm or fm",
-    "mode": "discrete or analog",
-    "integrator": "auto, sum, lowpass or momentum",
+    "task": "parity2..parity12, fmnist or cifar10",
+    "network": "MLP spec like 2-2-1 for parity",
+    "perturbation": "perturbation type",
+    "mode": "discrete (sample and hold) or analog (continuous time)",
+    "integrator": "gradient integrator; auto: sum (discrete) or lowpass (analog)",
     "amplitude": "perturbation amplitude A",
     "eta": "learning rate η",
     "tau_theta": "τ_θ in ticks: update period (discrete) or lowpass time constant (analog)",
     "tau_x": "τ_x in ticks: input-change period",
     "tau_hp": "τ_hp in ticks: high-pass time constant of the analog C̃ extraction",
-    "fm_band": "FM band F_MIN F_MAX in cycles per tick",
+    "momentum_decay": "β of the momentum integrator, G ← βG + ε (1: the paper's un-reset sum)",
+    "fm_band": "FM tone band in cycles per tick",
+    "batch": "samples the hardware sees at once in one tick",
+    "init_scale": "θ⁰ drawn uniformly in ±X",
+    "seed": "random seed of run 0 (run r uses seed + r)",
     "seeds": "number of random initialisations run side by side",
     "max_ticks": "perturbed-tick budget",
     "target_accuracy": "stop at this accuracy ('none' to disable)",
     "target_cost": "stop at this cost ('none' to disable)",
+    "eval_every": "ticks between checks of the stopping rule",
+    "eval_samples": "held-out samples per check (0: the whole split)",
+    "nodes": "parameter nodes to shard the parameters over; unset, a job sent to a running cluster takes "
+             "every node connected to it",
     "data_dir": "directory holding the Fashion-MNIST / CIFAR-10 files",
     "timing": "sync (lock-step) or async (each node on its own clock)",
     "correlation": "tagged (C̃ carries its tick) or untagged (nodes use their current θ̃)",
     "delay": "C̃ broadcast delay to the nodes, ticks",
     "jitter": "extra random C̃ delay, ticks",
-    "jitter_dist": "uniform or exponential",
+    "jitter_dist": "distribution of the jitter",
     "drop": "probability a C̃ message to a node is lost",
     "up_delay": "node → broadcaster weights delay, ticks (async)",
     "up_jitter": "extra random weights delay, ticks (async)",
     "up_drop": "probability a weights message is lost (async)",
-    "drift": "async: node clock rates uniform in 1 ± drift",
+    "drift": "async: node clock rates uniform in 1 ± X",
     "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
     "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
-    "compensation": "untagged: correlate C̃ with θ̃[now − compensation] (a known delay; FM phase compensation)",
+    "compensation": "untagged: correlate C̃ with θ̃[now − N] (a known delay; FM phase compensation)",
     "cost_noise": "σ of Gaussian read-out noise on every measured cost",
     "update_noise": "σ of Gaussian noise added to every weight update",
     "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
+    "fm_gain_correction": "analog FM: each node divides its ε by its tone's high-pass gain",
 }
 
+# What an empty default means, where printing the value itself would say nothing.
+_DEFAULT_MEANS = {
+    "network": "the task's reference network: 2-2-1, 3-3-1, …, cnn-fmnist, cnn-cifar10",
+    "init_scale": "none, the model's reference init (MLP ±0.5)",
+    "data_dir": "the current directory",
+}
+
+_CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
+            "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
+_METAVARS = {"task": "NAME", "network": "SPEC", "data_dir": "DIR"}
 
 _FILE_ONLY = ("node_links",)  # nested settings: config files only
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default once: "(default: …)" is appended only where the help text
+    does not state the default already and the default is a value (not None, "" or [], which
+    mean "unset", nor the True/False of a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or isinstance(action.default, bool) or action.default in ("", [])
+        if "default" in text or unset or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def shown_default(name: str, value) -> str:
+    """A job-config default as ``pmgd train --help`` prints it."""
+    if name in _DEFAULT_MEANS and not value:
+        return _DEFAULT_MEANS[name]
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
 
 
 def _optional_float(text: str) -> float | None:
@@ -60,70 +117,92 @@ def _optional_float(text: str) -> float | None:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per job-config field. Its parser default is SUPPRESS, so an unset flag is
+    absent from the namespace and never overrides a config file; the help shows the real
+    default, taken from JobConfig."""
     hints = typing.get_type_hints(JobConfig)
     for f in dataclasses.fields(JobConfig):
         if f.name in _FILE_ONLY:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        kwargs: dict = {"dest": f.name, "default": None, "help": _HELP.get(f.name, f.name.replace("_", " "))}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = _HELP.get(f.name, "see pmgd_node/config.py") + f" (default: {shown_default(f.name, default)})"
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if f.name == "fm_band":
             kwargs.update(nargs=2, type=float, metavar=("F_MIN", "F_MAX"))
-        elif hint in (float | None, typing.Optional[float]):
-            kwargs.update(type=_optional_float)
+        elif hint is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif hint == float | None:
+            kwargs.update(type=_optional_float, metavar="X|none")
         elif hint is int:
-            kwargs.update(type=int)
+            kwargs.update(type=int, metavar="N")
         elif hint is float:
-            kwargs.update(type=float)
+            kwargs.update(type=float, metavar="X")
+        elif f.name in _CHOICES:
+            kwargs.update(metavar="{" + ",".join(_CHOICES[f.name]) + "}")
+        else:
+            kwargs.update(metavar=_METAVARS.get(f.name, "TEXT"))
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> JobConfig:
-    base = JobConfig.load(args.config).to_dict() if args.config else {}
+def config_fields(args: argparse.Namespace) -> dict:
+    """The job-config fields the user set: the config file's, overridden by the flags given.
+
+    Fields left unset stay absent, so that whoever runs the job can tell "not set" from a
+    value (a cluster fills in ``nodes`` from the nodes it has)."""
+    fields = dict(_read_fields(args.config)) if args.config else {}
     for f in dataclasses.fields(JobConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            base[f.name] = value
-    if "task" in base and "network" not in base:
-        base["network"] = ""  # re-derive the task's reference network
-    return JobConfig.from_dict(base)
+        if hasattr(args, f.name):
+            fields[f.name] = getattr(args, f.name)
+    return fields
+
+
+def _read_fields(path: str) -> dict:
+    fields = read_mapping(path)
+    JobConfig.from_dict(fields)  # the file alone must be a valid job: its errors name it, not a flag
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmgd", description="Parameter-multiplexed gradient descent")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one job (all its seeds) and print a summary",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--config", help="JSON or TOML file of job-config fields (flags override it)")
+                           formatter_class=HelpFormatter)
+    train.add_argument("--config", metavar="FILE", help="JSON or TOML file of job-config fields (flags override it)")
     train.add_argument("--engine", choices=["local", "cluster"], default="local",
                        help="local: the in-process engine; cluster: broadcaster and node processes over ZeroMQ")
     train.add_argument("--cluster", default="", metavar="ENDPOINT",
                        help="control endpoint of a running broadcaster (pmgd up); default: start a local cluster")
-    train.add_argument("--device", default=None, help="torch device for the CNN models (default: cuda if available)")
+    train.add_argument("--device", default=None, metavar="NAME",
+                       help="torch device for the CNN models (default: cuda if available)")
     train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
     study = sub.add_parser("study", help="run a study sweep into CSV, JSON and figures (resumable)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     study.add_argument("name", help="fig2, fig4, fig5, table1, latency, jitter, drop, drift or noise")
-    study.add_argument("--out", required=True, help="output folder (an interrupted study resumes from it)")
-    study.add_argument("--config", help="JSON or TOML file of study parameters, or a study.json to repeat a study "
-                                        "exactly (flags override it)")
+    study.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder (an interrupted study resumes from it)")
+    study.add_argument("--config", metavar="FILE",
+                       help="JSON or TOML file of study parameters, or a study.json to repeat a study exactly "
+                            "(flags override it)")
     study.add_argument("--set", dest="overrides", action="append", default=[], metavar="PARAM=VALUE",
                        help="set one study parameter (JSON value), e.g. --set delays=[0,1,2]")
-    study.add_argument("--seeds", type=int, help="random initialisations per point")
+    study.add_argument("--seeds", type=int, metavar="N", help="random initialisations per point (default: the study's)")
     study.add_argument("--engine", choices=["local", "cluster"], default="local",
                        help="local: the in-process engine; cluster: a local cluster of node processes")
-    study.add_argument("--cluster-nodes", type=int, default=2, help="node processes of the cluster engine")
+    study.add_argument("--cluster-nodes", type=int, default=2, metavar="N", help="node processes of the cluster engine")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
-    up = sub.add_parser("up", help="start a local cluster (broadcaster + N nodes) until Ctrl-C")
-    up.add_argument("--nodes", type=int, default=2, help="parameter-node processes")
-    up.add_argument("--state-dir", default="", help="broadcaster checkpoints survive restarts here")
-    up.add_argument("--log-dir", default="", help="write each process's output to LOG_DIR/<name>.log")
+    up = sub.add_parser("up", help="start a local cluster (broadcaster + N nodes) until Ctrl-C",
+                        formatter_class=HelpFormatter)
+    up.add_argument("--nodes", type=int, default=2, metavar="N", help="parameter-node processes")
+    up.add_argument("--state-dir", default="", metavar="DIR", help="broadcaster checkpoints survive restarts here")
+    up.add_argument("--log-dir", default="", metavar="DIR", help="write each process's output to DIR/<name>.log")
     up.add_argument("--remote-evaluator", action="store_true",
                     help="run the forward passes in a separate evaluator process (the chip-in-the-loop hop)")
     up.add_argument("--no-api", dest="api", action="store_false", help="do not start the REST API")
-    up.add_argument("--db", default="pmgd.sqlite", help="the API's SQLite file")
+    up.add_argument("--db", default="pmgd.sqlite", metavar="FILE", help="the API's SQLite file")
     up.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics from every process")
     sub.add_parser("api", help="serve the REST API and the live dashboard", add_help=False)
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
@@ -133,11 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, started: float) -> int:
+    fields = config_fields(args)
+    config = JobConfig.from_dict(fields)  # a bad file or value stops here, before the heavy imports
+    if args.engine == "cluster" and args.cluster:
+        from services.cluster.client import fit_to_cluster
+
+        config = JobConfig.from_dict(fit_to_cluster(fields, args.cluster))
     from services.train import train_job  # heavy imports (torch) only once a command runs
 
-    config = config_from_args(args)
-    summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster)
+    summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster,
+                        started=started)
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
@@ -160,7 +245,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     for item in args.overrides:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError("set", f"must be PARAM=VALUE; got {item!r}")
+            raise ConfigError("--set", f"must be PARAM=VALUE; got {item!r}", kind="option")
         given[name.strip().replace("-", "_")] = value
     if args.seeds is not None:
         given["seeds"] = args.seeds
@@ -176,20 +261,20 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _load_mapping(path: str) -> dict:
     data = read_mapping(path)
     if not isinstance(data, dict):
-        raise ConfigError("config", f"{path} must hold a mapping of study parameters")
+        raise ConfigError(path, "must hold a mapping of study parameters", kind="config file")
     return data
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     import signal
-    import time
 
     from services.cluster.launcher import LocalCluster
 
     if args.nodes < 1:
-        raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}")
+        raise ConfigError("--nodes", f"must be an integer ≥ 1; got {args.nodes}", kind="option")
     cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir,
-                           remote_evaluator=args.remote_evaluator, api=args.api, api_db=args.db, metrics=args.metrics)
+                           remote_evaluator=args.remote_evaluator, api=args.api, api_db=args.db, metrics=args.metrics,
+                           say=lambda text: print(text, flush=True))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
@@ -217,6 +302,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # the summary's wall time counts from here: what the user waits for
     argv = sys.argv[1:] if argv is None else argv
     # Service commands parse their own flags (their settings objects own them).
     if argv and argv[0] == "broadcaster":
@@ -238,14 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
-            return cmd_train(args)
+            return cmd_train(args, started)
         if args.command == "up":
             return cmd_up(args)
         if args.command == "study":
             return cmd_study(args)
     except ConfigError as err:
         parser.exit(2, f"pmgd: error: {err}\n")
-    except (FileNotFoundError, RuntimeError) as err:
+    except (FileNotFoundError, RuntimeError, TimeoutError) as err:
         parser.exit(1, f"pmgd: error: {err}\n")
     return 1
 
