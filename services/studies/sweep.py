@@ -60,7 +60,7 @@ class Study(ABC):
     def points(self, p: dict) -> list[Point]:
         ...
 
-    def run(self, point: Point, p: dict, ctx: "Context") -> list[dict]:
+    def run(self, point: Point, p: dict, ctx: Context) -> list[dict]:
         """Rows of one point; by default one per seed of ``point.config``."""
         return ctx.train(point.config).rows
 
@@ -277,7 +277,8 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
     finally:
         ctx.close()
     order = {json.dumps(pt.key, sort_keys=True): i for i, pt in enumerate(points)}
-    entries = sorted((e for k, e in done.items() if k in order), key=lambda e: order[json.dumps(e["key"], sort_keys=True)])
+    entries = sorted((e for k, e in done.items() if k in order),
+                     key=lambda e: order[json.dumps(e["key"], sort_keys=True)])
     rows = [r for e in entries for r in e["rows"]]
     _write_csv(os.path.join(out, "runs.csv"), rows)
     summary = {"study": study.name, "question": study.question, "points": len(points), "runs": len(rows),
