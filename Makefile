@@ -30,10 +30,12 @@ train: $(STAMP)
 	$(BIN)/pmgd train --config configs/parity2-rcm.toml --json out/parity2-rcm.json
 
 # The dashboard's browser test needs Debian's headless Chromium: installed here (as root, or
-# through sudo) when missing, never skipped.
+# through sudo) when missing, never skipped. Another apt (unattended upgrades, a second make)
+# may hold the dpkg lock: wait for it up to 5 minutes instead of failing at once.
+APT_GET := apt-get -o DPkg::Lock::Timeout=300
 browser:
 	@test -x $(CHROMIUM) || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
+		$$SUDO $(APT_GET) update -q && $$SUDO $(APT_GET) install -y -q chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
