@@ -245,7 +245,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     for item in args.overrides:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError("--set", f"must be PARAM=VALUE; got {item!r}", kind="option")
+            raise ConfigError("set", f"must be PARAM=VALUE; got {item!r}", kind="option")
         given[name.strip().replace("-", "_")] = value
     if args.seeds is not None:
         given["seeds"] = args.seeds
@@ -271,7 +271,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.cluster.launcher import LocalCluster
 
     if args.nodes < 1:
-        raise ConfigError("--nodes", f"must be an integer ≥ 1; got {args.nodes}", kind="option")
+        raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}", kind="option")
     cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir,
                            remote_evaluator=args.remote_evaluator, api=args.api, api_db=args.db, metrics=args.metrics,
                            say=lambda text: print(text, flush=True))

@@ -152,7 +152,7 @@ class Context:
 
     def __init__(self, engine: str = "local", cluster_nodes: int = 2, device: str | None = None):
         if engine not in ("local", "cluster"):
-            raise ConfigError("--engine", f"must be local or cluster; got {engine!r}", kind="option")
+            raise ConfigError("engine", f"must be local or cluster; got {engine!r}", kind="option")
         self.engine, self.cluster_nodes, self.device = engine, cluster_nodes, device
         self._cluster = None
 
@@ -236,7 +236,7 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
             old = json.load(f)
         if old.get("study") != study.name or old.get("params") != json.loads(json.dumps(params)) \
                 or old.get("engine") != engine:
-            raise ConfigError("--out", f"{out} holds study {old.get('study')} with other parameters or engine; "
+            raise ConfigError("out", f"{out} holds study {old.get('study')} with other parameters or engine; "
                                      "use another --out to start afresh", kind="option")
         points_path = os.path.join(out, "points.jsonl")
         if os.path.exists(points_path):
