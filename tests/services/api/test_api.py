@@ -16,6 +16,8 @@ from pmgd_node.config import JobConfig
 from services.api.jobs import FINAL
 from services.cluster.launcher import LocalCluster, free_port
 from services.engine.engine import Engine
+from services.evaluator.gradient_angle import angle_degrees
+from waiting import wait_for  # tests/services/api/waiting.py (the test directory is on sys.path)
 
 
 class Api:
@@ -93,6 +95,14 @@ def _theta(data: bytes) -> np.ndarray:
         return np.array(z["theta0"])
 
 
+def _checkpoint_tick(api: Api, job: str) -> int | None:
+    status, data = api.call("GET", f"/jobs/{job}/checkpoint")
+    if status != 200:
+        return None
+    with np.load(io.BytesIO(data)) as z:
+        return int(z["tick"])
+
+
 def test_local_job_lifecycle_and_result_match_the_engine(api):
     config = JobConfig(seeds=4, max_ticks=2000, seed=3)
     job = api.ok("POST", "/jobs", {"config": config.to_dict(), "angle": True}, expect=201)
@@ -103,13 +113,26 @@ def test_local_job_lifecycle_and_result_match_the_engine(api):
     done = api.wait_state(job["id"], FINAL)
     assert done["state"] == "finished" and done["tick"] == 2000
     reference = Engine(config)
-    result = reference.run()
+    angles, prev = [], [reference.theta0.copy(), reference.model.gradient(reference.theta0, reference._eval_batch)]
+
+    def angle(point, solved):  # the angle series' definition, recomputed on the reference engine
+        step = prev[0] - reference.theta0
+        if np.any(step):
+            angles.append([point.tick, float(np.median(angle_degrees(step, prev[1])))])
+        prev[:] = reference.theta0.copy(), reference.model.gradient(reference.theta0, reference._eval_batch)
+
+    result = reference.run(on_eval=angle)
     assert done["summary"]["ticks_to_solution"] == result.ticks_to_solution.tolist()
     np.testing.assert_array_equal(_theta(api.ok("GET", f"/jobs/{job['id']}/checkpoint")), reference.theta0)
     series = api.ok("GET", f"/jobs/{job['id']}/metrics")["series"]
     assert [t for t, _ in series["cost"]] == [p.tick for p in result.history]  # every evaluation
     assert [v for _, v in series["accuracy"]] == [float(np.median(p.accuracy)) for p in result.history]
-    assert series["angle"] and all(0 <= v <= 180 for _, v in series["angle"])
+    # The step −Δθ⁰ between evaluations against ∇C at the earlier one, median over runs: the
+    # series is exactly that, and the steps descend, on the whole, below 90° (one sample per
+    # tick, so each step is far from the full-data gradient: median 77.5° over the series with
+    # OPENBLAS_CORETYPE=Haswell and =Prescott and under ±1-ulp sigmoid noise alike).
+    assert series["angle"] == angles
+    assert np.median([v for _, v in angles]) < 85
     assert len(series["c0"]) == len(series["cost"]) and all(v > 0 for _, v in series["c0"])
     late = api.ok("GET", f"/jobs/{job['id']}/metrics?since=1990&names=cost")["series"]
     assert late == {"cost": [[2000, series["cost"][-1][1]]]}
@@ -128,16 +151,24 @@ def test_pause_resume_and_stop_a_local_job(api):
     config = JobConfig(seeds=2, max_ticks=10_000_000, target_accuracy=None)
     job = api.ok("POST", "/jobs", {"config": config.to_dict(), "start": True}, expect=201)["id"]
     assert api.wait_state(job, ["running"])
+
+    def tick() -> int:
+        return api.ok("GET", f"/jobs/{job}")["tick"]
+
+    def parked() -> int:
+        """The run parks at its next evaluation after writing its metrics and a checkpoint
+        there: the job's tick, once the checkpoint's tick is the job's tick (else 0)."""
+        t = tick()
+        return t if t and _checkpoint_tick(api, job) == t else 0
+
     paused = api.ok("POST", f"/jobs/{job}/pause")
     assert paused["state"] == "paused"
-    time.sleep(0.5)  # the run waits at its next evaluation: its tick stands still
-    first = api.ok("GET", f"/jobs/{job}")["tick"]
-    time.sleep(0.6)
-    assert api.ok("GET", f"/jobs/{job}")["tick"] == first
+    first = wait_for(parked, 30, "the paused run to park at an evaluation with its checkpoint")
+    time.sleep(0.6)  # a window, not a wait: nothing may advance while the job is paused
+    assert tick() == first and _checkpoint_tick(api, job) == first
     assert api.call("DELETE", f"/jobs/{job}")[0] == 409  # not while active
     assert api.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
-    time.sleep(0.8)
-    assert api.ok("GET", f"/jobs/{job}")["tick"] > first
+    wait_for(lambda: tick() > first, 30, f"the resumed job to pass tick {first}")
     stopped = api.ok("POST", f"/jobs/{job}/stop")
     assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= first
     assert api.call("POST", f"/jobs/{job}/resume")[0] == 409
@@ -200,10 +231,7 @@ def test_api_restart_mid_job_keeps_the_job_and_resumes_it_exactly(tmp_path):
     config = JobConfig(seeds=8, max_ticks=60_000, target_accuracy=None, seed=11)
     server = Api(db)
     job = server.ok("POST", "/jobs", {"config": config.to_dict(), "start": True}, expect=201)["id"]
-    deadline = time.monotonic() + 60
-    while server.call("GET", f"/jobs/{job}/checkpoint")[0] != 200:  # one checkpoint on disk
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(lambda: _checkpoint_tick(server, job), 60, "a checkpoint on disk")
     before = server.ok("GET", f"/jobs/{job}/metrics")["series"]
     assert before["cost"] and server.ok("GET", f"/jobs/{job}")["state"] == "running"
     server.proc.kill()
@@ -214,18 +242,25 @@ def test_api_restart_mid_job_keeps_the_job_and_resumes_it_exactly(tmp_path):
     assert got["state"] == "interrupted" and "stopped" in got["error"]
     after = server.ok("GET", f"/jobs/{job}/metrics")["series"]
     assert after["cost"][: len(before["cost"])] == before["cost"]
+    reached = got["tick"]  # the killed run's newest metrics, at or after its checkpoint
     assert server.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
-    time.sleep(1.0)
+
+    def logs() -> list[str]:
+        return [e["text"] for e in server.ok("GET", f"/jobs/{job}/logs")["lines"]]
+
+    wait_for(lambda: any(text.startswith("resumed from the checkpoint") for text in logs()), 60,
+             "the resumed run to load its checkpoint")
+    wait_for(lambda: server.ok("GET", f"/jobs/{job}")["tick"] > reached, 60,
+             f"the resumed run to pass tick {reached}, where the killed one got to")
     assert server.stop() == 0  # a graceful stop checkpoints the job and marks it interrupted
     server = Api(db)
     assert server.ok("GET", f"/jobs/{job}")["state"] == "interrupted"
-    lines = [e["text"] for e in server.ok("GET", f"/jobs/{job}/logs")["lines"]]
+    lines = logs()
     assert lines[-1].startswith("interrupted: 0/8 runs converged")  # the run itself ended, not recover()
     server.ok("POST", f"/jobs/{job}/resume")
     done = server.wait_state(job, FINAL, timeout_s=120)
     assert done["state"] == "finished" and done["tick"] == config.max_ticks
-    lines = [e["text"] for e in server.ok("GET", f"/jobs/{job}/logs")["lines"]]
-    assert sum(text.startswith("resumed from the checkpoint") for text in lines) == 2
+    assert sum(text.startswith("resumed from the checkpoint") for text in logs()) == 2
     reference = Engine(config)
     reference.run()
     np.testing.assert_array_equal(_theta(server.ok("GET", f"/jobs/{job}/checkpoint")), reference.theta0)
@@ -238,24 +273,16 @@ def test_cluster_job_lifecycle_over_rest_and_remote_scoring(tmp_path):
         cluster.wait_ready()
         api = Api.__new__(Api)
         api.url, api.token = cluster.api_url, ""
-        deadline = time.monotonic() + 30
-        while len(api.ok("GET", "/cluster")["nodes"]) < 2:
-            assert time.monotonic() < deadline, "nodes did not join"
-            time.sleep(0.1)
+        wait_for(lambda: len(api.ok("GET", "/cluster")["nodes"]) >= 2, 30, "two nodes to join")
         config = JobConfig(nodes=2, seeds=2, max_ticks=10_000_000, target_accuracy=None, checkpoint_every=100)
         job = api.ok("POST", "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True},
                      expect=201)["id"]
         assert api.call("POST", "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True})[0] == 409
-        deadline = time.monotonic() + 30
-        while api.ok("GET", f"/jobs/{job}")["tick"] < 300:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for(lambda: api.ok("GET", f"/jobs/{job}")["tick"] >= 300, 30, "the job to pass tick 300")
         assert api.ok("POST", f"/jobs/{job}/pause")["state"] == "paused"
-        time.sleep(0.3)
-        assert api.ok("GET", "/cluster")["state"] == "paused"
+        wait_for(lambda: api.ok("GET", "/cluster")["state"] == "paused", 30, "the broadcaster to pause")
         assert api.ok("POST", f"/jobs/{job}/resume")["state"] == "running"
-        time.sleep(0.5)
-        assert api.ok("GET", "/cluster")["state"] == "running"
+        wait_for(lambda: api.ok("GET", "/cluster")["state"] == "running", 30, "the broadcaster to resume")
         stopped = api.ok("POST", f"/jobs/{job}/stop")
         assert stopped["state"] == "stopped" and stopped["summary"]["ticks_run"] >= 300
         assert api.ok("GET", "/cluster")["state"] == "idle"
