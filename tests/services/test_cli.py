@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from pmgd_node.config import JobConfig
+from services.engine.engine import Engine
+
 PMGD = shutil.which("pmgd") or os.path.join(os.path.dirname(sys.executable), "pmgd")
 
 
@@ -21,14 +24,17 @@ def test_train_seeds_writes_summary_json(tmp_path):
              "--json", str(out))
     assert r.returncode == 0, r.stderr
     s = json.loads(out.read_text())
-    assert s["runs"] == 6 and 0 <= s["converged"] <= 6
-    assert len(s["ticks_to_solution"]) == 6
+    assert s["runs"] == 6 and len(s["ticks_to_solution"]) == 6
     assert s["config"]["perturbation"] == "rcm" and s["config"]["max_ticks"] == 3000
+    # The command is the in-process engine: the same runs solve at the same ticks. 4 of 6 solve
+    # (at 390, 490, 750, 330) with OPENBLAS_CORETYPE=Haswell and =Prescott and under ±1-ulp noise.
+    reference = Engine(JobConfig(task="parity2", perturbation="rcm", seeds=6, max_ticks=3000)).run()
+    assert s["ticks_to_solution"] == reference.ticks_to_solution.tolist()
+    assert s["converged"] == sum(t >= 0 for t in s["ticks_to_solution"]) >= 1
     for key in ("ticks_to_solution_median", "ticks_to_solution_q1", "ticks_to_solution_q3",
                 "c0_to_solution_median", "final_cost_median", "final_accuracy_median", "wall_time_s"):
         assert key in s
-    if s["converged"]:
-        assert set(s["projected_solution_time_s"]) == {"HW1", "HW2", "HW3", "HW4"}
+    assert set(s["projected_solution_time_s"]) == {"HW1", "HW2", "HW3", "HW4"}
     # The summary table is printed too.
     assert "runs converged" in r.stderr and "HW4" in r.stderr
 

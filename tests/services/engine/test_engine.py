@@ -108,13 +108,29 @@ def test_cm_full_period_update_is_the_minibatch_gradient():
             assert angle_full > 5.0  # batch 1 follows one sample's gradient
 
 
+def assert_solved_means_first_at_100_percent(result):
+    """A run is solved at the first evaluation where its accuracy is 100 % (the default
+    stopping rule), and an unsolved run never got there. (A solved run trains on with the
+    others, so its final accuracy may be lower again: 0.75 for one of the 7 runs below.)"""
+    ticks = np.array([p.tick for p in result.history])
+    accuracy = np.array([p.accuracy for p in result.history])  # (evaluations, runs)
+    for r in range(len(result.solved)):
+        reached = np.flatnonzero(accuracy[:, r] == 1.0)
+        if result.solved[r]:
+            assert reached.size and ticks[reached[0]] == result.ticks_to_solution[r], r
+        else:
+            assert reached.size == 0 and result.ticks_to_solution[r] == -1, r
+
+
 def test_stopping_rule_and_summary():
+    """Measured: 7 of 8 runs solve, the same with OPENBLAS_CORETYPE=Haswell and =Prescott and
+    under ±1-ulp sigmoid noise."""
     cfg = JobConfig(seeds=8, max_ticks=20_000)
     result = Engine(cfg).run()
     s = summarize(result)
-    assert s["runs"] == 8 and s["converged"] == int(result.solved.sum()) >= 1
+    assert s["runs"] == 8 and s["converged"] == int(result.solved.sum()) >= 4
     solved = result.solved
-    assert np.all(result.final_accuracy[solved] >= 0.5)
+    assert_solved_means_first_at_100_percent(result)
     assert np.all(result.ticks_to_solution[solved] % cfg.eval_every == 0)
     assert np.all(result.c0_to_solution[solved] >= result.ticks_to_solution[solved])  # τ_θ = τ_x = 1
     assert s["projected_solution_time_s"]["HW2"] == pytest.approx(
