@@ -144,7 +144,7 @@ class JobConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobConfig":
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
         if not isinstance(data, dict):
             raise ConfigError("<root>", f"expected a mapping of fields, got {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
@@ -153,11 +153,11 @@ class JobConfig:
             raise ConfigError(unknown[0], f"unknown field; allowed fields: {', '.join(known)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "JobConfig":
+    def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def load(cls, path: str) -> "JobConfig":
+    def load(cls, path: str) -> JobConfig:
         """Read a JSON or TOML file (by extension) holding job-config fields."""
         return cls.from_dict(read_mapping(path))
 
@@ -231,7 +231,8 @@ def _validate(c: JobConfig) -> None:
         layers = [int(s) for s in c.network.split("-")]
         n = int(c.task[len("parity"):])
         if layers[0] != n or layers[-1] != 1 or min(layers) < 1:
-            raise ConfigError("network", f"must start with {n} inputs and end with 1 output for {c.task}; got {c.network!r}")
+            raise ConfigError("network", f"must start with {n} inputs and end with 1 output for {c.task}; "
+                                         f"got {c.network!r}")
     elif c.network != f"cnn-{c.task}":
         raise ConfigError("network", f"must be 'cnn-{c.task}' for task {c.task}; got {c.network!r}")
     _choice("perturbation", c.perturbation, PERTURBATIONS)
@@ -253,7 +254,8 @@ def _validate(c: JobConfig) -> None:
     if len(band) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in band):
         raise ConfigError("fm_band", f"must be two numbers [f_min, f_max] in cycles per tick; got {band!r}")
     if not (0.0 <= band[0] < band[1] <= 0.5):
-        raise ConfigError("fm_band", f"must satisfy 0 ≤ f_min < f_max ≤ 0.5 cycles per tick (Nyquist); got {list(band)}")
+        raise ConfigError("fm_band", "must satisfy 0 ≤ f_min < f_max ≤ 0.5 cycles per tick (Nyquist); "
+                                     f"got {list(band)}")
     _int_range("batch", c.batch, 1, 1_000_000)
     if c.init_scale is not None:
         _float_range("init_scale", c.init_scale, 0.0, 100.0)
@@ -279,7 +281,8 @@ def _validate(c: JobConfig) -> None:
         if not (isinstance(key, str) and key.isdigit() and int(key) < c.nodes):
             raise ConfigError("node_links", f"keys must be node indices '0'…'{c.nodes - 1}'; got {key!r}")
         if not isinstance(override, dict) or set(override) - set(LINK_FIELDS):
-            raise ConfigError(f"node_links.{key}", f"must map some of {', '.join(LINK_FIELDS)} to values; got {override!r}")
+            raise ConfigError(f"node_links.{key}",
+                              f"must map some of {', '.join(LINK_FIELDS)} to values; got {override!r}")
         _validate_link(f"node_links.{key}.", override)
     if c.timing == "async" and c.mode == "analog":
         raise ConfigError("timing", "async clocks are modelled for discrete mode; use timing 'sync' with mode 'analog'")

@@ -253,7 +253,8 @@ class FrequencyMultiplexed(Perturbation):
         return out
 
 
-def make_perturbation(kind: str, num_params: int, seeds, amplitude: float, fm_band=(0.0, 0.5), dtype=np.float64) -> Perturbation:
+def make_perturbation(kind: str, num_params: int, seeds, amplitude: float, fm_band=(0.0, 0.5),
+                      dtype=np.float64) -> Perturbation:
     """Build the generator named by a job config's ``perturbation`` field."""
     if kind == "tm":
         return TimeMultiplexed(num_params, seeds, amplitude, dtype)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -161,7 +161,8 @@ class Fig2(Study):
 
     def summary(self, rows: list[dict], p: dict) -> dict:
         ticks = _ticks_in(rows)
-        at = [t for t in (4, 8, 16, 32, 64, 128, 256, 512, 1024) if t in ticks] + [ticks[-1]] or ticks[:: max(1, len(ticks) // 8)]
+        at = ([t for t in (4, 8, 16, 32, 64, 128, 256, 512, 1024) if t in ticks] + [ticks[-1]]
+              or ticks[:: max(1, len(ticks) // 8)])
         out: dict = {"median_angle_deg": {}, "falls_with_time": {}}
         for kind in p["types"]:
             mine = [r for r in rows if r["type"] == kind]

@@ -154,7 +154,8 @@ class Fig5(Study):
         from . import plots
 
         fig, axes = plots.figure(ncols=2, width=5.6, height=4.4,
-                                 title=f"Fig 5b: 2-bit parity, {p['batch']} sample{'s' if p['batch'] > 1 else ''} per tick, one update per tick, "
+                                 title=f"Fig 5b: 2-bit parity, {p['batch']} sample{'s' if p['batch'] > 1 else ''} "
+                                       "per tick, one update per tick, "
                                        f"effective η = {p['eta']:g}")
         ax, ax_box = axes[0]
         grey = ["#bbbbbb", "#7f7f7f", "#303030"]

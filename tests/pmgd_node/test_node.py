@@ -40,11 +40,13 @@ def test_node_rejects_bad_shard():
 
 def test_momentum_is_not_reset_and_decays():
     m = MomentumIntegrator((1,), beta=0.5)
-    m.accumulate(np.array([1.0])); m.after_update()
+    m.accumulate(np.array([1.0]))
+    m.after_update()
     m.accumulate(np.array([1.0]))
     assert m.g[0] == pytest.approx(1.5)
     s = SumIntegrator((1,))
-    s.accumulate(np.array([1.0])); s.after_update()
+    s.accumulate(np.array([1.0]))
+    s.after_update()
     assert s.g[0] == 0.0
 
 

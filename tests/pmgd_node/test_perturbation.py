@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from pmgd_node.perturbation import (CodeMultiplexed, FrequencyMultiplexed, RandomCode, TimeMultiplexed,
-                                   make_perturbation)
+from pmgd_node.perturbation import CodeMultiplexed, FrequencyMultiplexed, RandomCode, TimeMultiplexed, make_perturbation
 from pmgd_node.sharding import shard_ranges
 
 SEEDS = np.array([0, 1, 17])
