@@ -102,6 +102,7 @@ def test_pmgd_train_engine_cluster_trains_parity2(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(out.read_text())
+    # Sync, so the engine's run: solved at tick 390 (Haswell, Prescott and ±1-ulp noise alike).
     assert summary["engine"] == "cluster" and summary["converged"] == 1
     assert summary["final_accuracy_median"] == 1.0
 
@@ -183,35 +184,53 @@ def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard_checkpoint():
+    """Async timing, kill −9 of the node holding shard 1 mid-job: the job runs on with that
+    node's last shard, a replacement takes the shard over from its newest checkpoint and the
+    job runs to its end. Real 2 ms clocks make how well it trains depend on the machine's load
+    (a final cost of 0.25 was seen under load, 0.07 here unloaded), so this checks continuity
+    and recovery, not the training result."""
     config = JobConfig(nodes=2, seeds=2, timing="async", tick_period=0.002, max_ticks=5000, target_accuracy=None,
                        checkpoint_every=100, eval_every=50, seed=6)
+    reference = Engine(config)
+    initial, start_cost = reference.theta0.copy(), reference.evaluate().cost
     with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
+        control = cluster.endpoints["control"]
         progress, reports = [], []
-        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress, reports)
+        thread, box = _run_in_thread(config, control, progress, reports)
         _wait_for(lambda: progress and progress[-1] >= 600, 120, "the job to pass tick 600")
-        holder = next(k for k, v in status(cluster.endpoints["control"])["nodes"].items() if v["shard"] == 1)
+        holder = next(k for k, v in status(control)["nodes"].items() if v["shard"] == 1)
+        heard = len(reports)  # the per-tick reports received before the kill
         cluster.nodes[int(holder.split("-")[1])].send_signal(signal.SIGKILL)
-        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 30, "the node to be lost")
-        assert status(cluster.endpoints["control"])["state"] == "running"  # async does not stop for it
+        _wait_for(lambda: len(status(control)["nodes"]) == 1, 30, "the node to be lost")
+        lost = len(reports)  # ≥ 1 s of ticks after the kill, less at most one evaluation period
+        assert status(control)["state"] == "running"  # async does not stop for it
         cluster.start_node("replacement")
         thread.join(240)
         assert "error" not in box, box.get("error")
         summary = box["summary"]
+    # The job ran to its end, every tick once, and only the lost shard was restarted.
+    assert summary["ticks_run"] == config.max_ticks and summary["epochs"] == 1
+    assert [r["tick"] for r in reports] == list(range(config.max_ticks))
+    node_ticks = np.array([r["node_ticks"] for r in reports])
+    assert np.all(np.diff(node_ticks[:, 0]) >= 0)  # the surviving node's shard never went back
+    # Shard 1's node tick as the broadcaster used it: frozen on the dead node's last shard
+    # while the job ran on (the loss is noticed after a second), then taken over from the
+    # shard's newest checkpoint (at most two checkpoint periods before the dead node's last
+    # tick, never back near 0) and moved on past where the dead node stopped.
+    last_heard, dead = node_ticks[heard - 1, 1], node_ticks[lost - 1, 1]
+    after = node_ticks[heard:, 1]
+    assert dead >= last_heard and np.sum(after == dead) >= 20, (last_heard, dead, np.sum(after == dead))
+    resumed = after[lost - heard:].min()
+    assert max(dead - 2 * config.checkpoint_every, config.checkpoint_every - 1) <= resumed <= dead, (dead, resumed)
+    assert after[-1] > dead, (dead, after[-1])
+    # θ⁰ is whole and moved (no zeros, not the initial shard), and nothing blew up: measured
+    # final costs 0.0013–0.20 from 0.25–0.26 at the start, unloaded and with the other core busy
+    # (the node was lost at shard tick 604–630 and its shard resumed at 599 each time).
     theta0 = np.array(summary["theta0"])
-    initial = Engine(config).theta0
-    shard = slice(5, 9)  # node 1's shard of the 9 parameters
-    assert np.all(theta0 != 0) and np.all(theta0[:, shard] != initial[:, shard])
-    assert summary["epochs"] == 1 and summary["final_cost_median"] < 0.2
-    # Shard 1's node ticks as the broadcaster used them (−1 while it waits for a newcomer's
-    # first weights): frozen on the dead node's last shard while the job ran on (the lost
-    # node is only noticed after a second), then moving on from the shard's newest
-    # checkpoint (≥ 500), never back near 0.
-    ticks = np.array([r["node_ticks"][1] for r in reports])
-    after = ticks[np.argmax(ticks >= 600):]
-    after = after[after >= 0]
-    changes = np.flatnonzero(np.diff(after) != 0)
-    longest_freeze = np.diff(np.concatenate([[0], changes, [len(after)]])).max()
-    assert longest_freeze >= 100 and after.min() >= 500 and after[-1] > after[0] + 1000, (longest_freeze, after)
+    assert np.all(np.isfinite(theta0)) and np.all(theta0 != 0)
+    assert np.all(theta0[:, 5:9] != initial[:, 5:9])  # node 1's shard of the 9 parameters
+    assert np.all(np.isfinite([r["cost"] for r in reports]))
+    assert np.all(np.array(summary["final_cost"]) <= start_cost.max() + 0.1), (summary["final_cost"], start_cost)
 
 
 def test_nodes_leave_cleanly_on_sigterm():
@@ -269,28 +288,48 @@ def test_pmgd_up_serves_rest_jobs_on_the_cluster_and_stops_everything_on_ctrl_c(
             proc.kill()
 
 
-def test_async_cluster_with_drift_trains_and_reports_staleness(cluster):
-    """Spot check of async timing on the real cluster: own clocks with drift, newest shard."""
+def _start_cost(config: JobConfig) -> float:
+    return float(np.median(Engine(config).evaluate().cost))
+
+
+def test_async_cluster_with_drift_runs_and_reports_staleness(cluster):
+    """Async timing on the real cluster: own clocks with drift, the newest shard of each node.
+    How many runs solve depends on the machine's timing (9–12 of 12 here, unloaded and with
+    the other core busy), so this checks what timing cannot change: every tick reported once,
+    each shard's age counting up until a newer one arrives, shards only ever moving forward,
+    and costs that stay finite and do not grow. (That drifting clocks still train is claimed
+    on the engine, where it is deterministic: test_links.py::test_async_with_drifting_clocks_trains.)"""
     config = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, drift=0.05, max_ticks=3000, seed=1,
                        batch=4, eta=1.0)
     reports = []
     summary = run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=120)
-    # Async runs depend on the machine's timing; the in-process engine solves 7–8 of 8 here.
-    assert summary["converged"] >= 7
+    assert [r["tick"] for r in reports] == list(range(summary["ticks_run"]))
     stale = np.array([r["staleness"] for r in reports])
-    assert stale.shape[1] == 2 and stale.min() >= 0 and stale.max() >= 1  # async: shards are sometimes old
+    assert stale.shape[1] == 2 and stale.max() >= 1  # async: shards are sometimes old
+    # The age of shard k at tick t + 1: 0 if a newer shard arrived since tick t, else one more.
+    assert np.all((stale[1:] == 0) | (stale[1:] == stale[:-1] + 1)) and np.all((stale == 0).any(axis=0))
     node_ticks = np.array([r["node_ticks"] for r in reports])
     assert np.all(np.diff(node_ticks, axis=0) >= 0)  # the newest shard only ever moves forward
+    assert np.all(node_ticks[-1] > node_ticks[0])
+    # Measured final cost median 0.0011–0.0017 (from 0.256 at the start), the worst run
+    # 0.126–0.127: "not worse than at the start" holds with a wide margin.
+    assert np.all(np.isfinite([r["cost"] for r in reports]))
+    assert summary["final_cost_median"] <= _start_cost(config)
 
 
 def test_async_cluster_untagged_delay_breaks_training_tagged_does_not(cluster):
+    """Untagged, a C̃ that arrives 2 ticks late is correlated with the wrong perturbation: the
+    updates are a random walk and the cost grows; tagged, they are stale-gradient descent and
+    the cost falls. Not reproducible (real clocks), so the margins are huge. Measured, final
+    cost median of 12 runs (from 0.256): tagged 0.0012–0.0043, untagged 0.469–0.488, unloaded
+    and with the other core busy (the engine, deterministic: 0.0012 and 0.488)."""
     base = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, max_ticks=3000, delay=2, seed=2,
                      batch=4, eta=1.0)
     tagged = run_job(base, cluster.endpoints["control"], timeout_s=120)
     untagged = run_job(base.replace(correlation="untagged"), cluster.endpoints["control"], timeout_s=120)
-    # Not reproducible (real clocks): wide margins. The engine solves 0–1 of 8 untagged here.
-    assert tagged["converged"] >= 6
-    assert untagged["converged"] <= 2 and tagged["converged"] >= untagged["converged"] + 4
+    start = _start_cost(base)
+    assert tagged["final_cost_median"] < 0.25 * start
+    assert untagged["final_cost_median"] > start
 
 
 def test_sync_reports_every_tick(cluster):
