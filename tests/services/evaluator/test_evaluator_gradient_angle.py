@@ -26,4 +26,8 @@ def test_broadcasts_over_leading_axes_and_is_scale_invariant():
     assert a.shape == (7, 3) and a.dtype == np.float64
     np.testing.assert_allclose(angle_degrees(1e-200 * g, 1e200 * t), a, rtol=1e-10)
     np.testing.assert_allclose(angle_degrees(g, g), 0.0, atol=1e-5)
-    assert np.all((a >= 0) & (a <= 180))
+    # Each angle is arccos of the cosine of its own pair (the leading axes broadcast, the last
+    # is the vector), and turning one vector round gives the supplementary angle.
+    cos = np.einsum("kri,ri->kr", g, t) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(t, axis=-1))
+    np.testing.assert_allclose(a, np.degrees(np.arccos(cos)), atol=1e-9)
+    np.testing.assert_allclose(angle_degrees(g, -t), 180.0 - a, atol=1e-9)

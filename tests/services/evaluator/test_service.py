@@ -136,7 +136,7 @@ def test_scores_a_cifar10_checkpoint_on_the_test_split_and_reports_its_device(ev
     test = D.load_cifar10(cifar_dir, "test")
     assert conf.shape == (10, 10) and conf.sum() == N_TEST
     np.testing.assert_array_equal(conf.sum(axis=1), np.bincount(test.y, minlength=10))
-    assert len(r["per_class_accuracy"]) == 10 and 0.0 <= r["accuracy"] <= 1.0
+    assert len(r["per_class_accuracy"]) == 10 and r["accuracy"] == np.trace(conf) / N_TEST
     assert r["images_per_second"] > 0 and r["seconds"] > 0
     health = get(evaluator.url + "/health")
     assert r["device"] == health["device"] == "cpu" and health["status"] == "ok" and health["cuda"] is False
@@ -166,11 +166,13 @@ def test_parity2_with_a_solving_theta_scores_100_percent(evaluator):
     status, r = post_checkpoint(evaluator.url, npz_like_the_store(result.theta, 3000), task="parity2", run=solved)
     assert status == 200, r
     assert r["accuracy"] == 1.0 and r["tick"] == 3000
+    # A stalled run really is scored below 100 %: 7 of the 8 runs solve, run 5 stalls, the same
+    # with OPENBLAS_CORETYPE=Haswell and =Prescott and under ±1-ulp sigmoid noise.
     unsolved = np.flatnonzero(~result.solved)
-    if unsolved.size:  # a stalled run really is scored below 100 %
-        status, r = post_checkpoint(evaluator.url, npz_like_the_store(result.theta, 3000), task="parity2",
-                                    run=int(unsolved[0]))
-        assert status == 200 and r["accuracy"] < 1.0
+    assert unsolved.size
+    status, r = post_checkpoint(evaluator.url, npz_like_the_store(result.theta, 3000), task="parity2",
+                                run=int(unsolved[0]))
+    assert status == 200 and r["accuracy"] < 1.0
 
 
 def _bad_requests(empty_dir):
