@@ -3,11 +3,13 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from pmgd_node.config import ConfigError
 from services import studies
 from services.cli import main
+from services.engine.angle_trace import angle_trace
 
 SMALL = ["--seeds", "2", "--set", "max_ticks=400", "--set", "angle_ticks=40", "--quiet"]
 
@@ -29,7 +31,22 @@ def test_link_studies_write_a_row_per_run(tmp_path, name, field, values, points)
     assert len(rows) == points * 2
     assert {"perturbation", "correlation", field, "seed", "solved", "ticks_to_solution", "final_cost",
             "final_accuracy", "angle_deg"} <= rows[0].keys()
-    assert all(0 <= float(r["angle_deg"]) <= 180 for r in rows)
+    # Each angle is that of its point's job after angle_ticks ticks with θ⁰ frozen (recomputed
+    # here for TM, tagged, at the largest value), and where the link is ideal (value 0) the
+    # correlations agree: untagged without delay is tagged.
+    study = studies.get(name)
+    p = dict(study.params, seeds=2, max_ticks=400, angle_ticks=40, values=json.loads(values))
+    value = p["values"][-1]
+    mine = [float(r["angle_deg"]) for r in rows if (r["perturbation"], r["correlation"], float(r[field])) ==
+            ("tm", "tagged", value)]
+    np.testing.assert_allclose(mine, angle_trace(study.config(p, "tm", "tagged", value), 40)[-1], rtol=1e-9)
+    ideal: dict[tuple, list] = {}
+    for r in rows:
+        if float(r[field]) == 0:
+            ideal.setdefault((r["perturbation"], r["seed"]), []).append(float(r["angle_deg"]))
+    assert {kind for kind, _ in ideal} == {r["perturbation"] for r in rows}  # every type has value-0 rows
+    for angles in ideal.values():
+        np.testing.assert_allclose(angles, angles[0], rtol=1e-9)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["runs"] == len(rows) and summary["figures"] == [f"{name}.png"]
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000

@@ -13,6 +13,7 @@ import pytest
 
 from pmgd_node.config import JobConfig
 from services import cli
+from services.engine.angle_trace import angle_trace
 from services.engine.engine import Engine
 from services.evaluator import data as D
 from services.studies import fig2, fig4, fig5, table1
@@ -45,9 +46,12 @@ def test_fig2_rows_columns_summary_and_figure(tmp_path):
     ticks = fig2.sample_ticks({"ticks": 40, "samples_per_decade": 4})
     assert {1, 16, 32, 40} <= set(ticks)
     assert list(rows[0]) == ["type", "seed", "num_params", "angle_limit"] + [f"angle_t{t}" for t in ticks]
-    for r in rows:
-        angles = [float(r[f"angle_t{t}"]) for t in ticks]
-        assert all(0.0 <= a <= 180.0 for a in angles)
+    # Each row is its run's angle trace (θ⁰ frozen) at the sampled ticks.
+    p = dict(fig2.Fig2.params, ticks=40, samples_per_decade=4, seeds=2)
+    for kind in ("tm", "cm", "rcm", "fm"):
+        trace = angle_trace(fig2.Fig2().config(p, kind), 40)
+        mine = [[float(r[f"angle_t{t}"]) for t in ticks] for r in rows if r["type"] == kind]
+        np.testing.assert_allclose(mine, [[trace[t - 1, s] for t in ticks] for s in range(2)], rtol=1e-9)
     # TM has seen every one of the 16 parameters after 16 ticks: G is ∇C up to O(A).
     assert all(float(r["angle_t16"]) < 2.0 for r in rows if r["type"] == "tm")
     assert all(r["angle_limit"] == "" for r in rows if r["type"] != "fm")
@@ -67,8 +71,6 @@ def test_fig2_log_ticks():
 def test_fm_limit_matches_the_high_pass_gain():
     """The analytic FM floor: G → diag(Re H(f_i))·∇C, so the angle after a long trace is that of D∇C."""
     cfg = JobConfig(task="parity3", perturbation="fm", mode="analog", amplitude=0.01, batch=8, seeds=3)
-    from services.engine.angle_trace import angle_trace
-
     late = angle_trace(cfg, 3000)[-500:].mean(axis=0)
     limit = np.array(fig2.Fig2._fm_limit(cfg))
     np.testing.assert_allclose(late, limit, atol=1.5)
@@ -162,7 +164,7 @@ def test_table1_parity_backprop_and_cnn_rows(tmp_path):
     fmnist = tmp_path / "fmnist"
     D.write_fake_fashion_mnist(fmnist, n_train=40, n_test=20, seed=1)
     out = tmp_path / "table1"
-    study("table1", out, "max_ticks=300", "cnn_ticks=2", "cnn_batch=8", "cnn_eval_samples=20",
+    study("table1", out, "max_ticks=1000", "cnn_ticks=2", "cnn_batch=8", "cnn_eval_samples=20",
           f"fmnist_dir={fmnist}", f"cifar10_dir={tmp_path / 'no-cifar'}")
     rows = runs(out)
     assert len(rows) == 4 * 2 + 2 + 1 + 1  # 4 types × seeds, backprop × seeds, one run per CNN task
@@ -179,8 +181,12 @@ def test_table1_parity_backprop_and_cnn_rows(tmp_path):
     assert "error" in table[("cifar10", "rcm")]
     for kind in ("tm", "rcm"):
         e = table[("parity2", kind)]
-        if e["solved"]:
-            assert e["hw_s"]["HW2"] == pytest.approx(e["ticks_plus_c0_median"] * 1e-6)
+        mine = [r for r in rows if (r["task"], r["type"]) == ("parity2", kind)]
+        # The row counts its runs: 1 of 2 solved within 1000 ticks for TM and for R-CM (ticks +
+        # C₀ 800 and 780; the other run stalls past 6000), on Haswell, Prescott and under ±1-ulp
+        # noise alike. (At 300 ticks none solved and the HW check below never ran.)
+        assert (e["runs"], e["solved"]) == (2, 1) == (len(mine), sum(table1._true(r["solved"]) for r in mine))
+        assert e["hw_s"]["HW2"] == pytest.approx(e["ticks_plus_c0_median"] * 1e-6)
     md = (out / "table1.md").read_text()
     assert s["figures"] == ["table1.md"]
     assert "| parity2 | R-CM | 9 |" in md and "| fmnist | R-CM | 14,378 |" in md and "**not run**" in md
