@@ -11,13 +11,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+from waiting import wait_for  # tests/services/api/waiting.py (the test directory is on sys.path)
 
 from pmgd_node.config import JobConfig
 from services.api.jobs import FINAL
 from services.cluster.launcher import LocalCluster, free_port
 from services.engine.engine import Engine
 from services.evaluator.gradient_angle import angle_degrees
-from waiting import wait_for  # tests/services/api/waiting.py (the test directory is on sys.path)
 
 
 class Api:

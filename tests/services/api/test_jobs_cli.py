@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 import pytest
+from waiting import wait_for  # tests/services/api/waiting.py (the test directory is on sys.path)
 
 from services.cluster.launcher import free_port
-from waiting import wait_for  # tests/services/api/waiting.py (the test directory is on sys.path)
 
 pytestmark = pytest.mark.slow  # each test talks to a real API process
 

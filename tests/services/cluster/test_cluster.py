@@ -351,8 +351,8 @@ def test_remote_evaluator_hop_keeps_the_trajectory_bit_identical():
 
 def test_cost_server_answers_bad_requests_with_an_error():
     from pmgd_node import protocol as p
-    from services.evaluator.remote import CostServer, EvaluatorSettings
     from services.cluster.launcher import free_port
+    from services.evaluator.remote import CostServer, EvaluatorSettings
 
     server = CostServer(EvaluatorSettings(endpoint=f"tcp://127.0.0.1:{free_port()}"))
     try:

@@ -4,11 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from test_engine import assert_solved_means_first_at_100_percent  # same directory, on sys.path
 
 from pmgd_node.config import JobConfig
 from services.engine.angle_trace import angle_trace
 from services.engine.engine import Engine, summarize
-from test_engine import assert_solved_means_first_at_100_percent  # same directory, on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
