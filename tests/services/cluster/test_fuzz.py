@@ -661,7 +661,7 @@ def test_node_survives_fuzz_and_reports_every_bad_frame(tmp_path):
         for m in wrong_on_control:
             fake.to_node(m)
         dropped += 1 + len(wrong_on_pub) + len(wrong_on_control)
-        time.sleep(0.3)  # let the control-socket messages land before the tick's C̃
+        fake.wait_dropped(dropped, hold=0.3)  # every one of them counted before the tick's C̃
         fake.publish(p.CostVariation("fzjob", 3, 0, 0, c))  # the right one: the node moves on to tick 1
         while True:
             w = fake.weights()
