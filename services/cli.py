@@ -227,7 +227,8 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-    return 0
+    # Every run diverged: nothing was trained, and a script must not take it for a result.
+    return 3 if summary.get("diverged") == summary["runs"] else 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -29,6 +29,10 @@ def summary_table(summary: dict) -> Table:
     t.add_column("value", justify="right")
     runs = summary["runs"]
     t.add_row("runs converged", f"{summary['converged']} / {runs}")
+    if summary.get("diverged"):
+        first = min(t for t in summary["diverged_at"] if t >= 0)
+        t.add_row("[bold red]runs diverged[/]",
+                  f"[bold red]{summary['diverged']} / {runs} (first at tick {first:,})[/]")
     med = summary["ticks_to_solution_median"]
     if med is not None:
         label = "perturbed ticks to target" + (" (median, q1–q3)" if runs > 1 else "")
@@ -41,8 +45,10 @@ def summary_table(summary: dict) -> Table:
         t.add_row("perturbed ticks to target", "not reached")
     t.add_row("perturbed ticks run", f"{summary['ticks_run']:,}")
     t.add_row("C₀ measurements run", f"{summary['c0_measurements_run']:,}")
-    t.add_row("final cost" + (" (median)" if runs > 1 else ""), f"{summary['final_cost_median']:.4g}")
-    t.add_row("final accuracy" + (" (median)" if runs > 1 else ""), f"{100 * summary['final_accuracy_median']:.1f} %")
+    over = " (median" + (" of the runs that did not diverge)" if summary.get("diverged") else ")")
+    cost, accuracy = summary["final_cost_median"], summary["final_accuracy_median"]
+    t.add_row("final cost" + (over if runs > 1 else ""), "—" if cost is None else f"{cost:.4g}")
+    t.add_row("final accuracy" + (over if runs > 1 else ""), "—" if accuracy is None else f"{100 * accuracy:.1f} %")
     t.add_row("wall time (the whole run)", _fmt_time(summary["wall_time_s"]))
     t.add_row("training time (the ticks alone)", _fmt_time(summary.get("training_time_s")))
     projected = summary["projected_solution_time_s"] or {}
@@ -51,8 +57,13 @@ def summary_table(summary: dict) -> Table:
     return t
 
 
-def _status(cost, accuracy, solved: int, runs: int) -> str:
-    return f"cost {np.median(cost):.4f} · acc {100 * np.median(accuracy):.1f}% · solved {solved}/{runs}"
+def _status(cost, accuracy, solved: int, runs: int, diverged: int = 0) -> str:
+    cost, accuracy = (np.array([np.nan if v is None else v for v in x], dtype=float) for x in (cost, accuracy))
+    finite = np.isfinite(cost)
+    if not finite.any():
+        return f"[red]diverged {diverged or runs}/{runs}[/]"
+    text = f"cost {np.median(cost[finite]):.4f} · acc {100 * np.median(accuracy[finite]):.1f}% · solved {solved}/{runs}"
+    return text + (f" · [red]diverged {diverged}[/]" if diverged else "")
 
 
 def _at_most_every(seconds: float, show):
@@ -111,7 +122,7 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
         bar.start()
         bar.update(task, total=summary["ticks_run"], completed=summary["ticks_run"],
                    status=_status(summary["final_cost"], summary["final_accuracy"], summary["converged"],
-                                  summary["runs"]))
+                                  summary["runs"], summary.get("diverged", 0)))
     finally:
         bar.stop()
     summary["engine"] = engine

@@ -27,7 +27,7 @@ import urllib.request
 from typing import Any
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-FINAL_STATES = ("finished", "stopped", "failed", "interrupted")
+FINAL_STATES = ("finished", "diverged", "stopped", "failed", "interrupted")
 
 
 class ApiError(RuntimeError):
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("logs", "print a job's log lines")
     p.add_argument("id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true",
-                   help="keep printing new lines until the job is finished, stopped, failed or interrupted")
+                   help="keep printing new lines until the job is finished, diverged, stopped, failed or interrupted")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between polls with --follow")
     return parser
 

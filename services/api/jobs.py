@@ -40,15 +40,22 @@ from .store import Store
 FLUSH_S = 0.25
 CHECKPOINT_S = 2.0
 LOG_S = 2.0
-FINAL = ("finished", "stopped", "failed", "interrupted")
+FINAL = ("finished", "diverged", "stopped", "failed", "interrupted")
 
 
 class _Halt(Exception):
     """Raised inside the engine's callback to end a local run early (stop or interrupt)."""
 
 
+def finite_median(values) -> float:
+    """Median over the runs whose value is finite (a diverged run's is not); NaN if none is."""
+    v = np.asarray([np.nan if x is None else x for x in np.atleast_1d(values)], dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else float("nan")
+
+
 def progress_line(tick: int, cost, accuracy, solved: int, runs: int) -> str:
-    return (f"tick {tick}: cost {float(np.median(cost)):.4g} · acc {100 * float(np.median(accuracy)):.1f}% · "
+    return (f"tick {tick}: cost {finite_median(cost):.4g} · acc {100 * finite_median(accuracy):.1f}% · "
             f"solved {solved}/{runs}")
 
 
@@ -63,6 +70,8 @@ class _Recorder:
         self._tick_at_flush: int | None = None
 
     def add(self, tick: int, values: dict[str, float]) -> None:
+        # A series holds numbers: a value that is not finite (every run diverged) is left out.
+        values = {k: v for k, v in values.items() if np.isfinite(v)}
         self.points.extend((tick, k, v) for k, v in values.items())
         self.latest.update(values, tick=tick)
         if time.monotonic() - self._flushed_at >= FLUSH_S:
@@ -155,10 +164,15 @@ class Run(threading.Thread):
             self.set_state("failed", f"failed: {type(err).__name__}: {err}", error=f"{type(err).__name__}: {err}")
             return
         self.rec.flush()
-        state = self.halt or "finished"
-        error = "the service stopped while the job was active" if state == "interrupted" else ""
-        self.set_state(state, f"{state}: {summary.get('converged', 0)}/{summary.get('runs', self.config.seeds)} "
-                              f"runs converged in {summary.get('ticks_run', 0)} ticks", error=error, summary=summary)
+        runs, diverged = summary.get("runs", self.config.seeds), summary.get("diverged", 0)
+        state = self.halt or ("diverged" if diverged and diverged == runs else "finished")
+        error = {"interrupted": "the service stopped while the job was active",
+                 "diverged": f"every run diverged (cost or weights not finite), the first at tick "
+                             f"{min((t for t in summary.get('diverged_at', []) if t >= 0), default=-1)}"}.get(state, "")
+        text = f"{state}: {summary.get('converged', 0)}/{runs} runs converged in {summary.get('ticks_run', 0)} ticks"
+        if diverged:
+            text += f", {diverged}/{runs} diverged"
+        self.set_state(state, text, error=error, summary=summary)
 
     def execute(self) -> dict:
         raise NotImplementedError
@@ -201,7 +215,7 @@ class LocalRun(Run):
         self.held_out(tick, data)
 
     def _on_eval(self, point, solved: np.ndarray) -> None:
-        values = {"cost": float(np.median(point.cost)), "accuracy": float(np.median(point.accuracy)),
+        values = {"cost": finite_median(point.cost), "accuracy": finite_median(point.accuracy),
                   "solved": float(solved.sum())}
         held = getattr(self.engine.stage.extractor, "c0", None)
         if held is not None:
@@ -277,7 +291,7 @@ class ClusterRun(Run):
 
     def _on_progress(self, d: dict) -> None:
         tick = d["tick"]
-        values = {"cost": float(np.median(d["cost"])), "accuracy": float(np.median(d["accuracy"])),
+        values = {"cost": finite_median(d["cost"]), "accuracy": finite_median(d["accuracy"]),
                   "solved": float(d["solved"])}
         if d.get("reports"):  # per-tick reports since the last progress message: keep the newest
             last = d["reports"][-1]

@@ -7,7 +7,8 @@ Tables::
     checkpoints(job, tick, data BLOB)          θ⁰ (and resume state) as an .npz, newest per job
     events(job, seq, time, text)               the job's log: state changes, progress lines
 
-States: created → running ⇄ paused → finished | stopped | failed; a job that was running or
+States: created → running ⇄ paused → finished | diverged | stopped | failed (diverged: every
+run's cost or weights stopped being finite, see services.engine.engine.diverged); a job that was running or
 paused when the service died is ``interrupted`` after a restart (``recover``) and resumable.
 Every call opens its own short transaction, so the API's worker threads may share a Store.
 """
@@ -23,7 +24,7 @@ import uuid
 
 import numpy as np
 
-STATES = ("created", "running", "paused", "finished", "stopped", "failed", "interrupted")
+STATES = ("created", "running", "paused", "finished", "diverged", "stopped", "failed", "interrupted")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, config TEXT NOT NULL, engine TEXT NOT NULL, options TEXT NOT NULL DEFAULT '{}',

@@ -30,7 +30,7 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
 from services.broadcaster.output_stage import OutputStage
-from services.engine.engine import EngineResult, EvalPoint, initial_parameters, meets_target
+from services.engine.engine import EngineResult, EvalPoint, initial_parameters, meets_target, note_divergence
 from services.evaluator.data import Dataset, load
 from services.evaluator.models import build_model
 from services.evaluator.remote import RemoteCost
@@ -72,6 +72,7 @@ class JobRun:
         self.history: list[EvalPoint] = []
         self.t_sol = np.full(S, -1, dtype=np.int64)
         self.c0_sol = np.full(S, -1, dtype=np.int64)
+        self.t_div = np.full(S, -1, dtype=np.int64)  # the tick each run diverged at, −1 before
         self.trail = hashlib.sha256()  # chained hash of θ⁰ at the start of every tick
         self._partial: dict[int, dict[int, p.Checkpoint]] = {}  # shard states of unfinished boundaries
         self._stage_at: dict[int, dict] = {}  # broadcaster-side state at those boundaries
@@ -95,7 +96,8 @@ class JobRun:
 
     def _boundary(self, tick: int, shards: list[dict]) -> dict:
         return {"tick": tick, "shards": shards, "stage": self.stage.snapshot(), "history": len(self.history),
-                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy(), "trail": self.trail.copy()}
+                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy(), "t_div": self.t_div.copy(),
+                "trail": self.trail.copy()}
 
     def on_checkpoint(self, c: p.Checkpoint) -> bool:
         """Collect one shard's state; True when a boundary is complete and became the checkpoint."""
@@ -138,6 +140,7 @@ class JobRun:
         self.stage.restore(ck["stage"], self.tick)
         del self.history[ck["history"]:]
         self.t_sol, self.c0_sol, self.trail = ck["t_sol"].copy(), ck["c0_sol"].copy(), ck["trail"].copy()
+        self.t_div = ck["t_div"].copy()
         out = []
         for k, ((a, b), st) in enumerate(zip(self.shards, ck["shards"])):
             self.static[:, a:b] = st["theta0"]
@@ -195,15 +198,26 @@ class JobRun:
         """All weights of tick t are in: evaluate if due, then run tick t (None once finished)."""
         cfg, t = self.config, self.tick
         point = None
-        if t > 0 and (t % cfg.eval_every == 0 or t == cfg.max_ticks):
+        has_rule = cfg.target_accuracy is not None or cfg.target_cost is not None
+
+        def over() -> bool:  # every run solved or diverged: the engine's rule, in the same order
+            return bool(np.all(((self.t_sol >= 0) if has_rule else False) | (self.t_div >= 0)))
+
+        # A C̃ of the last tick that went non-finite and left no run going ends the job now.
+        ended = False
+        if self.stage.diverged:
+            note_divergence(self.t_div, self.stage)
+            ended = over()
+        if t > 0 and (t % cfg.eval_every == 0 or t == cfg.max_ticks or ended):
             cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
             point = EvalPoint(t, self.stage.c0_measurements, cost, accuracy)
             self.history.append(point)
-            if cfg.target_accuracy is not None or cfg.target_cost is not None:
-                newly = meets_target(cfg, point) & (self.t_sol < 0)
+            note_divergence(self.t_div, self.stage, point, self.static)
+            if has_rule:
+                newly = meets_target(cfg, point) & (self.t_sol < 0) & (self.t_div < 0)
                 self.t_sol[newly] = t
                 self.c0_sol[newly] = point.c0_measurements
-                self.finished = bool(np.all(self.t_sol >= 0))
+            self.finished = over()
         if t >= cfg.max_ticks:
             self.finished = True
         if self.finished:
@@ -230,7 +244,7 @@ class JobRun:
             last = EvalPoint(self.tick, self.stage.c0_measurements, cost, accuracy)
         return EngineResult(self.config, self.num_params, self.tick, self.stage.c0_measurements, self.t_sol >= 0,
                             self.t_sol, self.c0_sol, last.cost, last.accuracy,
-                            time.perf_counter() - self.started, self.history)
+                            time.perf_counter() - self.started, self.history, self.t_div.copy())
 
     # --- persistence (broadcaster restart) ----------------------------------------------------
     def save(self, path: str) -> None:
@@ -238,7 +252,7 @@ class JobRun:
         ck = self.checkpoint
         arrays = {f"{k}/{name}": st[name] for k, st in enumerate(ck["shards"])
                   for name in ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
-        arrays.update(t_sol=ck["t_sol"], c0_sol=ck["c0_sol"])
+        arrays.update(t_sol=ck["t_sol"], c0_sol=ck["c0_sol"], t_div=ck["t_div"])
         meta = {"job": self.id, "config": self.config.to_dict(), "tick": ck["tick"], "stage": ck["stage"],
                 "updates": [st["updates"] for st in ck["shards"]], "epoch": self.epoch,
                 "history": [[h.tick, h.c0_measurements, h.cost.tolist(), h.accuracy.tolist()]
@@ -259,10 +273,11 @@ class JobRun:
                        ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
                       | {"updates": meta["updates"][k]} for k in range(len(job.shards))]
             job.t_sol, job.c0_sol = z["t_sol"].copy(), z["c0_sol"].copy()
+            job.t_div = z["t_div"].copy() if "t_div" in z else np.full_like(job.t_sol, -1)
         job.history = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
         job.epoch = meta["epoch"]
         job.checkpoint = {"tick": meta["tick"], "shards": shards, "stage": meta["stage"],
-                          "history": len(job.history), "t_sol": job.t_sol, "c0_sol": job.c0_sol,
+                          "history": len(job.history), "t_sol": job.t_sol, "c0_sol": job.c0_sol, "t_div": job.t_div,
                           "trail": hashlib.sha256()}
         job.trail_valid = False
         return job

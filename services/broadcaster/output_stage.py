@@ -82,6 +82,10 @@ class OutputStage:
         self._c0_stale = True
         self._prepared: dict[bytes, object] = {}
         self.c0_measurements = 0
+        # Per run: the first tick whose C̃ was not finite (C or C₀ overflowed: the run
+        # diverged), −1 before; ``diverged`` counts such runs.
+        self.diverged_at = np.full(config.seeds, -1, dtype=np.int64)
+        self.diverged = 0
         self.last_cost = None  # C of the last perturbed tick, per run (reports)
         self._seeds = config.seed + np.arange(config.seeds)
         self._tick = 0
@@ -128,7 +132,8 @@ class OutputStage:
         held = ex.c0 if self.discrete else ex._y
         last = None if self.discrete else ex._x
         return {"held": None if held is None else held.tolist(), "last": None if last is None else last.tolist(),
-                "c0_stale": self._c0_stale, "c0_measurements": self.c0_measurements}
+                "c0_stale": self._c0_stale, "c0_measurements": self.c0_measurements,
+                "diverged_at": self.diverged_at.tolist()}
 
     def restore(self, snap: dict, tick: int) -> None:
         """Return to the boundary before tick ``tick`` recorded by :meth:`snapshot`."""
@@ -144,6 +149,8 @@ class OutputStage:
         self._c0_stale = snap["c0_stale"]
         self._c0_theta0 = None  # async: unknown after a restart, so C₀ is measured afresh
         self.c0_measurements = snap["c0_measurements"]
+        self.diverged_at[:] = snap.get("diverged_at", -1)  # absent from checkpoints of older versions
+        self.diverged = int((self.diverged_at >= 0).sum())
         # The input on show is the one presented at the last input change before ``tick``.
         self.batch = self._prepare(self.schedule.indices((tick - 1) // self._tau_x)) if tick > 0 else None
 
@@ -175,4 +182,10 @@ class OutputStage:
         else:
             cost = self._forward(theta)
         self.last_cost = self._noisy(cost, 1)
-        return self.extractor.variation(self.last_cost)
+        with np.errstate(invalid="ignore"):  # ∞ − ∞ of a diverged run: flagged just below
+            c_tilde = self.extractor.variation(self.last_cost)
+        if not np.isfinite(c_tilde).all():
+            new = ~np.isfinite(c_tilde) & (self.diverged_at < 0)
+            self.diverged_at[new] = self._tick
+            self.diverged = int((self.diverged_at >= 0).sum())
+        return c_tilde

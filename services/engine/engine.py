@@ -14,7 +14,10 @@ broadcaster and C̃ reaches each node tagged with that shard's tick; the engine'
 same. Evaluation always reads the θ⁰ the nodes hold (``node_static``), not the broadcaster's.
 
 Every ``eval_every`` ticks θ⁰ is scored on the evaluation set (the whole task for parity,
-the held-out split for the CNNs) and the stopping rule is checked per run. All S runs of a
+the held-out split for the CNNs) and the stopping rule is checked per run. A run diverges
+when its C̃ is not finite (checked every tick) or, at an evaluation, its cost is not finite
+or its θ⁰ leaves ±``DIVERGENCE_BOUND``; it is then over, reported with that tick, and a job
+whose every run is over (solved or diverged) stops at once. All S runs of a
 multi-seed job advance together, vectorised along the leading axis of every array.
 """
 
@@ -49,6 +52,30 @@ def initial_parameters(model: Model, config: JobConfig) -> np.ndarray:
     return np.stack(rows).astype(model.dtype, copy=False)
 
 
+# |θ⁰| beyond this counts as divergence: far above any weight a trained network of these
+# tasks holds (|θ⁰| ≲ 10), far below overflow, so a run blowing up stops before its numbers go.
+DIVERGENCE_BOUND = 1e6
+
+
+def diverged(point: EvalPoint, theta0: np.ndarray) -> np.ndarray:
+    """Per run: has it diverged by this evaluation? Its cost is not finite, or its θ⁰ is not
+    finite or leaves ±DIVERGENCE_BOUND."""
+    with np.errstate(invalid="ignore"):
+        out_of_bounds = ~(np.abs(theta0) <= DIVERGENCE_BOUND).all(axis=-1)  # NaN compares False
+    return out_of_bounds | ~np.isfinite(point.cost)
+
+
+def note_divergence(t_div: np.ndarray, stage: OutputStage, point: EvalPoint | None = None,
+                    theta0: np.ndarray | None = None) -> None:
+    """Record in ``t_div`` (per run, −1 until it diverges) the runs whose C̃ went non-finite in
+    ``stage`` and, at an evaluation, those :func:`diverged` finds."""
+    new = (t_div < 0) & (stage.diverged_at >= 0)
+    t_div[new] = stage.diverged_at[new]
+    if point is not None:
+        new = (t_div < 0) & diverged(point, theta0)
+        t_div[new] = point.tick
+
+
 def meets_target(config: JobConfig, point: EvalPoint) -> np.ndarray:
     """Per run: does this evaluation meet the job's stopping rule (accuracy and/or cost)?"""
     ok = np.ones(len(point.cost), dtype=bool)
@@ -80,6 +107,7 @@ class EngineResult:
     final_accuracy: np.ndarray
     wall_time: float
     history: list[EvalPoint] = field(default_factory=list)
+    diverged_at: np.ndarray | None = None  # (S,) tick at which each run diverged, −1 where it did not
 
 
 class Engine:
@@ -110,6 +138,7 @@ class Engine:
         # Per run: the tick (and C₀ count) at which the stopping rule was first met, −1 before.
         self.t_sol = np.full(config.seeds, -1, dtype=np.int64)
         self.c0_sol = np.full(config.seeds, -1, dtype=np.int64)
+        self.t_div = np.full(config.seeds, -1, dtype=np.int64)  # the tick each run diverged at, −1 before
 
     @property
     def theta0(self) -> np.ndarray:
@@ -132,7 +161,7 @@ class Engine:
                 "gradient": self.transport.gather_gradient().copy(),
                 "updates": np.array([n.updates for n in self.transport.nodes], dtype=np.int64),
                 "stage": np.array(json.dumps(self.stage.snapshot())),
-                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy()}
+                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy(), "t_div": self.t_div.copy()}
 
     def restore(self, snap) -> None:
         """Continue from a :meth:`snapshot` (e.g. after the service running the job restarted).
@@ -148,6 +177,7 @@ class Engine:
         self.stage.restore(json.loads(str(snap["stage"])), self.tick)
         self.t_sol[:] = snap["t_sol"]
         self.c0_sol[:] = snap["c0_sol"]
+        self.t_div[:] = snap["t_div"] if "t_div" in snap else -1
 
     def evaluate(self) -> EvalPoint:
         # One forward pass for both numbers (models share it in evaluate()).
@@ -158,38 +188,62 @@ class Engine:
         return meets_target(self.config, point)
 
     def run(self, on_eval: Callable[[EvalPoint, np.ndarray], None] | None = None) -> EngineResult:
-        """Train until every run meets the stopping rule or ``max_ticks`` ticks have run.
+        """Train until every run meets the stopping rule or diverges, or ``max_ticks`` ticks have run.
 
-        ``on_eval(point, solved)`` is called at every check (progress bars, metrics).
+        ``on_eval(point, solved)`` is called at every check (progress bars, metrics). A run
+        whose C̃ goes non-finite ends the job at that tick if it was the last run still going.
         """
         cfg = self.config
-        t_sol, c0_sol = self.t_sol, self.c0_sol
+        t_sol, c0_sol, t_div, stage = self.t_sol, self.c0_sol, self.t_div, self.stage
         has_rule = cfg.target_accuracy is not None or cfg.target_cost is not None
         history: list[EvalPoint] = []
         start = time.perf_counter()
         point = None
+
+        def over() -> bool:  # every run solved or diverged (only divergence ends a job without a rule)
+            return bool(np.all(((t_sol >= 0) if has_rule else False) | (t_div >= 0)))
+
         while self.tick < cfg.max_ticks:
             for _ in range(min(cfg.eval_every, cfg.max_ticks - self.tick)):
                 self.step()
+                if stage.diverged:
+                    note_divergence(t_div, stage)
+                    if over():
+                        break
             point = self.evaluate()
             history.append(point)
+            note_divergence(t_div, stage, point, self.theta0)
             if has_rule:
-                newly = self._solved(point) & (t_sol < 0)
+                newly = self._solved(point) & (t_sol < 0) & (t_div < 0)
                 t_sol[newly] = point.tick
                 c0_sol[newly] = point.c0_measurements
             if on_eval is not None:
                 on_eval(point, t_sol >= 0)
-            if has_rule and np.all(t_sol >= 0):
+            if over():
                 break
         wall = time.perf_counter() - start
         if point is None:
             point = self.evaluate()
         return EngineResult(cfg, self.model.num_params, self.tick, self.stage.c0_measurements, t_sol >= 0,
-                            t_sol, c0_sol, point.cost, point.accuracy, wall, history)
+                            t_sol, c0_sol, point.cost, point.accuracy, wall, history, t_div.copy())
+
+
+def _finite_list(values: np.ndarray) -> list:
+    """Per-run values for JSON: a diverged run's NaN or ∞ becomes None (JSON has no NaN)."""
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _finite_median(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(np.median(finite)) if len(finite) else None
 
 
 def summarize(result: EngineResult) -> dict:
-    """The numbers `pmgd train` prints and writes: quartiles over solved runs, HW projections."""
+    """The numbers `pmgd train` prints and writes: quartiles over solved runs, HW projections.
+
+    Final costs and accuracies are medians over the runs whose numbers are finite; a run that
+    diverged is counted in ``diverged`` with its tick in ``diverged_at``, never as a NaN median.
+    """
     solved = result.solved
     out: dict = {
         "task": result.config.task,
@@ -201,14 +255,17 @@ def summarize(result: EngineResult) -> dict:
         "converged": int(solved.sum()),
         "ticks_run": int(result.ticks),
         "c0_measurements_run": int(result.c0_measurements),
-        "final_cost_median": float(np.median(result.final_cost)),
-        "final_accuracy_median": float(np.median(result.final_accuracy)),
-        "final_cost": result.final_cost.tolist(),  # per run
-        "final_accuracy": result.final_accuracy.tolist(),
+        "final_cost_median": _finite_median(result.final_cost),
+        "final_accuracy_median": _finite_median(result.final_accuracy),
+        "final_cost": _finite_list(result.final_cost),  # per run
+        "final_accuracy": _finite_list(result.final_accuracy),
         "wall_time_s": result.wall_time,
     }
     if len(solved) > 1:
         out["ticks_to_solution"] = result.ticks_to_solution.tolist()  # per run, −1 where unsolved
+    t_div = result.diverged_at if result.diverged_at is not None else np.full(len(solved), -1)
+    out["diverged"] = int((t_div >= 0).sum())
+    out["diverged_at"] = t_div.tolist()  # per run: the tick it diverged at, −1 where it did not
     if solved.any():
         ticks = result.ticks_to_solution[solved]
         total = ticks + result.c0_to_solution[solved]

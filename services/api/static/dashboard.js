@@ -9,13 +9,13 @@
 const POLL_MS = 1000;
 const CLUSTER_EVERY = 5; // polls between GET /cluster
 const MAX_DRAWN = 1500; // points drawn per series (older points are thinned, never the newest)
-const FINAL = new Set(["finished", "stopped", "failed", "interrupted"]);
+const FINAL = new Set(["finished", "diverged", "stopped", "failed", "interrupted"]);
 const ALLOWED = { // which control buttons a state enables (the API answers 409 otherwise)
   start: ["created"],
   pause: ["running"],
   resume: ["paused", "interrupted"],
   stop: ["created", "running", "paused", "interrupted"],
-  delete: ["created", "finished", "stopped", "failed", "interrupted"],
+  delete: ["created", "finished", "diverged", "stopped", "failed", "interrupted"],
 };
 const PALETTE = ["#2f6fdb", "#e4572e", "#17a398", "#f0a202", "#8e5ad8", "#d6336c", "#5c7c8a", "#76b041",
                  "#1b998b", "#c44536"];
@@ -381,11 +381,15 @@ function renderJob() {
   add("tick", fmtNum(job.tick || 0), maxTicks ? "of " + fmtNum(maxTicks) : "");
   if (job.summary) {
     add("converged", `${s.converged} / ${s.runs}`, "runs at target");
+    if (s.diverged) {
+      const first = Math.min(...s.diverged_at.filter(t => t >= 0));
+      add("diverged", `${s.diverged} / ${s.runs}`, `cost or weights not finite · first at tick ${fmtNum(first)}`);
+    }
     const med = s.ticks_to_solution_median;
     add("ticks to target", med === null || med === undefined ? "not reached" : fmtNum(med),
       med !== null && med !== undefined && s.runs > 1 ? `median · q1–q3 ${fmtNum(s.ticks_to_solution_q1)}–${fmtNum(s.ticks_to_solution_q3)}` : "");
-    add("final cost", fmtNum(s.final_cost_median), runs > 1 ? "median" : "");
-    add("final accuracy", s.final_accuracy_median === undefined ? "—" : (100 * s.final_accuracy_median).toFixed(1) + " %",
+    add("final cost", s.final_cost_median === null ? "—" : fmtNum(s.final_cost_median), runs > 1 ? "median" : "");
+    add("final accuracy", s.final_accuracy_median == null ? "—" : (100 * s.final_accuracy_median).toFixed(1) + " %",
       runs > 1 ? "median" : "");
     if (s.wall_time_s !== undefined) add("wall time", fmtDuration(s.wall_time_s));
   } else {
