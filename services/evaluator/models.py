@@ -358,10 +358,28 @@ class CNN(Model):
 
     ``spec`` is a sequence of :class:`Conv`, :class:`Pool` and :class:`Dense`. The forward
     pass for a flat vector θ is one chain of ``torch.nn.functional`` calls on
-    ``θ[start:end].view(shape)`` slices: no module state is copied. Runs (S > 1) are
-    evaluated one after another; results are gathered on the device and moved to the host
-    once.
+    ``θ[start:end].view(shape)`` slices: no module state is copied.
+
+    Several runs (S > 1) go through the network together, k runs per call
+    (:meth:`run_logits`): their feature maps side by side along the channel axis,
+    ``h (B, k·C, H, W)``, each convolution one grouped call with the runs' kernels stacked,
+    ``W (k·C_out, C_in, kh, kw)``, ``groups = k`` (for inputs shared by every run the first
+    convolution needs no groups: ``W (k·C_out, C_in, kh, kw)`` on ``x (B, C_in, H, W)``), the
+    pooling per channel as before, the dense read-out one batched matmul
+    ``z (k, B, out) = h (k, B, in) @ Wᵀ (k, in, out) + b``. k is :attr:`runs_per_call` if
+    set, else ``IMAGES_PER_CALL / B`` (at least 1): on a GPU nearly every run in one call, on
+    the CPU about 200 images a call, where wider calls measured slower (docs/benchmarks.md).
+    One run (S = 1) takes the plain path, :meth:`logits`. Results are gathered on the device
+    and moved to the host once.
     """
+
+    # CPU: images per batched call (k·B). Grouped convolutions over more images than this
+    # measured slower than one call per run (they leave the caches); fewer, e.g. k = 2 runs
+    # at B = 100, measured faster (docs/benchmarks.md, "CNN runs batched").
+    CPU_IMAGES_PER_CALL = 200
+    # GPU: a bound on the activations of one call (≈ 1.8 GB for CIFAR-10's first layer), not a
+    # measured optimum.
+    GPU_IMAGES_PER_CALL = 32768
 
     def __init__(
         self,
@@ -417,6 +435,8 @@ class CNN(Model):
         if not isinstance(self.spec[-1], Dense) or self.spec[-1].n_out != self.num_classes:
             raise ValueError(f"{name}: the last layer must be Dense(..., {self.num_classes})")
         self.num_params = off
+        # Runs per batched call (S > 1); None: the device's default, see :meth:`_runs_per_call`.
+        self.runs_per_call: int | None = None
 
     def __repr__(self) -> str:
         return f"CNN(name={self.name!r}, params={self.num_params}, device={str(self.device)!r})"
@@ -483,14 +503,77 @@ class CNN(Model):
                 h = F.linear(h.flatten(1), flat[w0:w1].view(shape), flat[w1:b1])
         return h
 
+    def run_logits(self, t, x):
+        """Logits (k, B, classes) of k runs at once: t (k, P) torch, x (B, C, H, W) shared by
+        the runs or (k, B, C, H, W) one batch per run (see the class docstring).
+
+        Where a convolution is followed by pooling, the pooling comes first and the ReLU after
+        it, on a quarter of the values: ReLU is monotone, so ``max(relu(a), relu(b)) =
+        relu(max(a, b))`` exactly, NaN included."""
+        torch = _torch()
+        F = torch.nn.functional
+        k = t.shape[0]
+        if x.ndim == 4:
+            h, groups = x, 1
+        else:
+            if x.shape[0] != k:
+                raise ValueError(f"{self.name}: {k} runs but inputs for {x.shape[0]}")
+            _, b, c, hh, ww = x.shape
+            # (k, B, C, H, W) -> (B, k·C, H, W), stored channels-last like the prepared batches.
+            h = x.permute(1, 3, 4, 0, 2).reshape(b, hh, ww, k * c).permute(0, 3, 1, 2)
+            groups = k
+        plan = self._plan
+        i, n = 0, len(plan)
+        while i < n:
+            step = plan[i]
+            kind = step[0]
+            if kind == "conv":
+                _, w0, w1, shape, b1, _ = step
+                w = t[:, w0:w1].reshape(k * shape[0], *shape[1:])
+                h = F.conv2d(h, w, t[:, w1:b1].reshape(-1), groups=groups)
+                groups = k
+                if i + 1 < n and plan[i + 1][0] == "pool":
+                    i += 1
+                    h = F.max_pool2d(h, plan[i][1])
+                h = F.relu_(h)
+            elif kind == "pool":
+                h = F.max_pool2d(h, step[1])
+            else:
+                _, w0, w1, shape, b1, _ = step
+                if h.ndim == 4:  # (B, k·C, H, W) -> (k, B, C·H·W), each run's features in (C, H, W) order
+                    h = h.reshape(h.shape[0], k, -1).transpose(0, 1)
+                h = torch.baddbmm(t[:, w1:b1].unsqueeze(1), h, t[:, w0:w1].view(k, *shape).transpose(1, 2))
+            i += 1
+        return h
+
+    def _runs_per_call(self, runs: int, size: int) -> int:
+        if self.runs_per_call is not None:
+            per = int(self.runs_per_call)
+        else:
+            cap = self.GPU_IMAGES_PER_CALL if self.device.type == "cuda" else self.CPU_IMAGES_PER_CALL
+            per = cap // max(size, 1)
+        return max(1, min(runs, per))
+
+    def _logits(self, t, batch: Batch):
+        """Logits (S, B, classes): one run by :meth:`logits`, several by :meth:`run_logits`."""
+        torch = _torch()
+        runs = t.shape[0]
+        if batch.x.ndim == 5 and batch.x.shape[0] != runs:
+            raise ValueError(f"{self.name}: theta has {runs} runs but the batch has inputs for {batch.x.shape[0]}")
+        if runs == 1:
+            return self.logits(t[0], self._x(batch, 0))[None]
+        k = self._runs_per_call(runs, batch.size)
+        shared = batch.x.ndim == 4
+        parts = [self.run_logits(t[i:i + k], batch.x if shared else batch.x[i:i + k]) for i in range(0, runs, k)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def forward(self, theta, x) -> np.ndarray:
         """Logits as numpy: theta (S, P) and x (B, C, H, W) -> (S, B, classes)."""
         torch = _torch()
         batch = self.prepare(x, np.zeros(np.shape(x)[:-3], dtype=np.int64))
         t, single = self._theta(theta)
         with torch.inference_mode():
-            out = torch.stack([self.logits(t[s], self._x(batch, s)) for s in range(t.shape[0])])
-        out = out.cpu().numpy()
+            out = self._logits(t, batch).cpu().numpy()
         return out[0] if single else out
 
     @staticmethod
@@ -501,30 +584,30 @@ class CNN(Model):
     def _y(batch: Batch, s: int):
         return batch.y if batch.y.ndim == 1 else batch.y[s]
 
+    def _costs(self, z, y):
+        """Mean cross-entropy per run in the model's dtype: z (S, B, classes), y (B,) or (S, B)."""
+        F = _torch().nn.functional
+        runs, size, classes = z.shape
+        if runs == 1:
+            return F.cross_entropy(z[0], y if y.ndim == 1 else y[0])[None]
+        ce = F.cross_entropy(z.reshape(runs * size, classes), y.expand(runs, size).reshape(-1), reduction="none")
+        return ce.view(runs, size).mean(dim=1)
+
     def evaluate(self, theta, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         torch = _torch()
-        F = torch.nn.functional
         t, single = self._theta(theta)
-        costs, accs = [], []
         with torch.inference_mode():
-            for s in range(t.shape[0]):
-                z = self.logits(t[s], self._x(batch, s))
-                y = self._y(batch, s)
-                costs.append(F.cross_entropy(z, y))
-                accs.append((z.argmax(dim=1) == y).to(torch.float64).mean())
-            both = torch.stack([torch.stack(costs).to(torch.float64), torch.stack(accs)]).cpu().numpy()
+            z = self._logits(t, batch)
+            acc = (z.argmax(dim=2) == batch.y).to(torch.float64).mean(dim=1)
+            both = torch.stack([self._costs(z, batch.y).to(torch.float64), acc]).cpu().numpy()
         c, a = both[0], both[1]
         return (c[0], a[0]) if single else (c, a)
 
     def cost(self, theta, batch: Batch) -> np.ndarray:
         torch = _torch()
-        F = torch.nn.functional
         t, single = self._theta(theta)
         with torch.inference_mode():
-            c = torch.stack(
-                [F.cross_entropy(self.logits(t[s], self._x(batch, s)), self._y(batch, s)) for s in range(t.shape[0])]
-            )
-            c = c.to(torch.float64).cpu().numpy()
+            c = self._costs(self._logits(t, batch), batch.y).to(torch.float64).cpu().numpy()
         return c[0] if single else c
 
     def accuracy(self, theta, batch: Batch) -> np.ndarray:
