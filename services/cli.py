@@ -278,6 +278,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                            say=lambda text: print(text, flush=True))
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    # Ctrl-C raises KeyboardInterrupt even while starting: set here, since a shell that starts
+    # a command in the background without job control hands it SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cluster.start()
         cluster.wait_ready()
