@@ -373,9 +373,10 @@ class CNN(Model):
     and moved to the host once.
     """
 
-    # CPU: images per batched call (k·B). Grouped convolutions over more images than this
-    # measured slower than one call per run (they leave the caches); fewer, e.g. k = 2 runs
-    # at B = 100, measured faster (docs/benchmarks.md, "CNN runs batched").
+    # CPU: images per batched call (k·B). Calls over 60–200 images measured fastest; wider
+    # ones slower than one call per run (16 runs at B = 100: 0.57×; their activations leave
+    # the caches and glibc maps fresh pages for them on every call), k = 2 runs at B = 100
+    # 1.16–1.24× faster (docs/benchmarks.md, "CNN runs batched").
     CPU_IMAGES_PER_CALL = 200
     # GPU: a bound on the activations of one call (≈ 1.8 GB for CIFAR-10's first layer), not a
     # measured optimum.
