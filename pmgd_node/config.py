@@ -107,6 +107,9 @@ class JobConfig:
     # ∂C/∂θ_i for every tone above the floor at any τ_hp (when ε correlates C̃ with the θ̃ that
     # produced it: no delay, tagged, or compensated).
     fm_gain_correction: bool = False
+    # Chip side: every C̃ is clipped to ±c_tilde_limit before it is broadcast (the authors'
+    # C_ac_limit, a stabiliser against single huge cost swings); None: not clipped.
+    c_tilde_limit: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
@@ -292,6 +295,8 @@ def _validate(c: JobConfig) -> None:
     _float_range("cost_noise", c.cost_noise, 0.0, 1e3, lo_open=False)
     _float_range("update_noise", c.update_noise, 0.0, 1e3, lo_open=False)
     _float_range("device_variation", c.device_variation, 0.0, 1.0, lo_open=False)
+    if c.c_tilde_limit is not None:
+        _float_range("c_tilde_limit", c.c_tilde_limit, 0.0, 1e6)
     if not isinstance(c.fm_gain_correction, bool):
         raise ConfigError("fm_gain_correction", f"must be true or false; got {c.fm_gain_correction!r}")
     if c.fm_gain_correction and c.perturbation != "fm":

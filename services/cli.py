@@ -70,6 +70,7 @@ _HELP = {
     "update_noise": "σ of Gaussian noise added to every weight update",
     "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
     "fm_gain_correction": "analog FM: each node divides its ε by its tone's high-pass gain",
+    "c_tilde_limit": "clip every C̃ to ±X before it is broadcast ('none': never)",
 }
 
 # What an empty default means, where printing the value itself would say nothing.

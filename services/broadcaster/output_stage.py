@@ -9,7 +9,8 @@ Per perturbed tick t the stage
    it changes whenever a newer shard with another θ⁰ reaches the broadcaster, at no tick
    the stage can predict, so it compares the θ⁰ it is handed with the one C₀ was measured
    on: either way C₀ is the cost of the held θ⁰ on the current input;
-3. in analog mode, high-pass filters C(t) instead (no C₀ measurements at all).
+3. in analog mode, high-pass filters C(t) instead (no C₀ measurements at all);
+4. clips C̃ to ±``c_tilde_limit`` when the job sets one (after noting a non-finite C̃).
 
 The broadcaster service and the in-process engine both drive this class; they differ only
 in how the weights reach it and how C̃ leaves it.
@@ -90,6 +91,7 @@ class OutputStage:
         self._seeds = config.seed + np.arange(config.seeds)
         self._tick = 0
         self._noise_t0, self._noise = -1, None
+        self._limit = config.c_tilde_limit
 
     def begin_tick(self, tick: int) -> None:
         """Present the input of this tick; mark C₀ stale if the input or θ⁰ changed."""
@@ -188,4 +190,6 @@ class OutputStage:
             new = ~np.isfinite(c_tilde) & (self.diverged_at < 0)
             self.diverged_at[new] = self._tick
             self.diverged = int((self.diverged_at >= 0).sum())
+        if self._limit is not None:
+            c_tilde = np.clip(c_tilde, -self._limit, self._limit)
         return c_tilde

@@ -81,3 +81,27 @@ def test_broadcaster_job_remeasures_c0_when_any_held_shard_changes():
         new_input = t % config.tau_x == 0
         assert job.stage.c0_measurements - measured_before == int(changed or new_input), t
     assert changes > 20
+
+
+@pytest.mark.parametrize("mode", ["discrete", "analog"])
+def test_c_tilde_is_clipped_to_the_limit_after_extraction(mode):
+    """``c_tilde_limit``: what leaves the stage is the extracted C̃ clipped to ±limit, and the
+    limit really bites at this η (some C̃ would be larger)."""
+    kw = dict(perturbation="fm", mode="analog", batch=4, eta=0.1, tau_theta=20) if mode == "analog" else {}
+    limit = 1e-3
+    engine = Engine(JobConfig(seeds=4, amplitude=0.1, target_accuracy=None, c_tilde_limit=limit, **kw))
+    raw, sent = [], []
+    extract = engine.stage.extractor.variation
+    engine.stage.extractor.variation = lambda cost: raw.append(extract(cost).copy()) or raw[-1]
+    for _ in range(100):
+        sent.append(engine.step())
+    raw, sent = np.array(raw), np.array(sent)
+    np.testing.assert_array_equal(sent, np.clip(raw, -limit, limit))
+    assert (np.abs(raw) > limit).mean() > 0.1
+
+
+def test_c_tilde_limit_must_be_positive_or_none():
+    assert JobConfig().c_tilde_limit is None
+    for bad in (0.0, -1.0, float("nan"), "x"):
+        with pytest.raises(ValueError, match="'c_tilde_limit'"):
+            JobConfig(c_tilde_limit=bad)
