@@ -6,7 +6,8 @@
 
 The job is the task's shipped config (configs/fmnist.toml, configs/cifar10.toml), the same one
 `pmgd train --config` runs; flags override its budget, evaluation and η, A. Prints one line per
-evaluation and a final JSON line (the summary, device and whether the target was reached);
+evaluation and a final JSON line (the summary, device and whether the target was reached;
+``--batch`` and ``--c-tilde-limit`` serve the CPU measurements of docs/studies.md);
 exits 0 whether or not the target is reached (the JSON says which), 3 if the run diverged.
 """
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=None, help="held-out samples per check (default: all)")
     ap.add_argument("--eta", type=float, default=None)
     ap.add_argument("--amplitude", type=float, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="samples per tick (default: the config's 1000)")
+    ap.add_argument("--c-tilde-limit", type=float, default=None, help="clip C̃ to ±X (default: the config's)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = ap.parse_args(argv)
     base = JobConfig.load(os.path.join(ROOT, "configs", f"{args.task}.toml"))
@@ -45,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         ROOT, "..", "shared", "data", DEFAULT_DATA[args.task])
     changes = {"data_dir": data_dir, "max_ticks": args.max_ticks or base.max_ticks, "eta": args.eta or base.eta,
                "amplitude": args.amplitude or base.amplitude}
-    if args.eval_samples is not None:
-        changes["eval_samples"] = args.eval_samples
+    for name in ("eval_samples", "batch", "c_tilde_limit"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     cfg = base.replace(**changes)
     cfg = cfg.replace(eval_every=min(args.eval_every, cfg.max_ticks))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
