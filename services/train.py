@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pmgd_node.config import JobConfig
-from services.engine.engine import HW_TIMESCALES, Engine, summarize
+from services.engine.engine import HW_TIMESCALES, Engine, finite_median, summarize
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -58,11 +57,10 @@ def summary_table(summary: dict) -> Table:
 
 
 def _status(cost, accuracy, solved: int, runs: int, diverged: int = 0) -> str:
-    cost, accuracy = (np.array([np.nan if v is None else v for v in x], dtype=float) for x in (cost, accuracy))
-    finite = np.isfinite(cost)
-    if not finite.any():
+    cost, accuracy = finite_median(cost), finite_median(accuracy)
+    if cost is None:
         return f"[red]diverged {diverged or runs}/{runs}[/]"
-    text = f"cost {np.median(cost[finite]):.4f} · acc {100 * np.median(accuracy[finite]):.1f}% · solved {solved}/{runs}"
+    text = f"cost {cost:.4f} · acc {100 * accuracy:.1f}% · solved {solved}/{runs}"
     return text + (f" · [red]diverged {diverged}[/]" if diverged else "")
 
 

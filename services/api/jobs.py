@@ -33,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pmgd_node.config import JobConfig
+from services.engine.engine import finite_median
 from services.evaluator.gradient_angle import angle_degrees
 
 from .store import Store
@@ -47,15 +48,14 @@ class _Halt(Exception):
     """Raised inside the engine's callback to end a local run early (stop or interrupt)."""
 
 
-def finite_median(values) -> float:
-    """Median over the runs whose value is finite (a diverged run's is not); NaN if none is."""
-    v = np.asarray([np.nan if x is None else x for x in np.atleast_1d(values)], dtype=float)
-    v = v[np.isfinite(v)]
-    return float(np.median(v)) if len(v) else float("nan")
+def _median(values) -> float:
+    """Median over the runs whose value is finite; NaN if none is (every run diverged)."""
+    m = finite_median(values)
+    return float("nan") if m is None else m
 
 
 def progress_line(tick: int, cost, accuracy, solved: int, runs: int) -> str:
-    return (f"tick {tick}: cost {finite_median(cost):.4g} · acc {100 * finite_median(accuracy):.1f}% · "
+    return (f"tick {tick}: cost {_median(cost):.4g} · acc {100 * _median(accuracy):.1f}% · "
             f"solved {solved}/{runs}")
 
 
@@ -215,7 +215,7 @@ class LocalRun(Run):
         self.held_out(tick, data)
 
     def _on_eval(self, point, solved: np.ndarray) -> None:
-        values = {"cost": finite_median(point.cost), "accuracy": finite_median(point.accuracy),
+        values = {"cost": _median(point.cost), "accuracy": _median(point.accuracy),
                   "solved": float(solved.sum())}
         held = getattr(self.engine.stage.extractor, "c0", None)
         if held is not None:
@@ -291,7 +291,7 @@ class ClusterRun(Run):
 
     def _on_progress(self, d: dict) -> None:
         tick = d["tick"]
-        values = {"cost": finite_median(d["cost"]), "accuracy": finite_median(d["accuracy"]),
+        values = {"cost": _median(d["cost"]), "accuracy": _median(d["accuracy"]),
                   "solved": float(d["solved"])}
         if d.get("reports"):  # per-tick reports since the last progress message: keep the newest
             last = d["reports"][-1]

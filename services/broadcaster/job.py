@@ -30,7 +30,14 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
 from services.broadcaster.output_stage import OutputStage
-from services.engine.engine import EngineResult, EvalPoint, initial_parameters, meets_target, note_divergence
+from services.engine.engine import (
+    EngineResult,
+    EvalPoint,
+    initial_parameters,
+    meets_target,
+    note_divergence,
+    runs_over,
+)
 from services.evaluator.data import Dataset, load
 from services.evaluator.models import build_model
 from services.evaluator.remote import RemoteCost
@@ -200,14 +207,11 @@ class JobRun:
         point = None
         has_rule = cfg.target_accuracy is not None or cfg.target_cost is not None
 
-        def over() -> bool:  # every run solved or diverged: the engine's rule, in the same order
-            return bool(np.all(((self.t_sol >= 0) if has_rule else False) | (self.t_div >= 0)))
-
         # A C̃ of the last tick that went non-finite and left no run going ends the job now.
         ended = False
         if self.stage.diverged:
             note_divergence(self.t_div, self.stage)
-            ended = over()
+            ended = runs_over(self.t_sol, self.t_div, has_rule)
         if t > 0 and (t % cfg.eval_every == 0 or t == cfg.max_ticks or ended):
             cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
             point = EvalPoint(t, self.stage.c0_measurements, cost, accuracy)
@@ -217,7 +221,7 @@ class JobRun:
                 newly = meets_target(cfg, point) & (self.t_sol < 0) & (self.t_div < 0)
                 self.t_sol[newly] = t
                 self.c0_sol[newly] = point.c0_measurements
-            self.finished = over()
+            self.finished = runs_over(self.t_sol, self.t_div, has_rule)
         if t >= cfg.max_ticks:
             self.finished = True
         if self.finished:

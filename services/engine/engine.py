@@ -76,6 +76,19 @@ def note_divergence(t_div: np.ndarray, stage: OutputStage, point: EvalPoint | No
         t_div[new] = point.tick
 
 
+def runs_over(t_sol: np.ndarray, t_div: np.ndarray, has_rule: bool) -> bool:
+    """Is every run over: solved (when the job has a stopping rule) or diverged?"""
+    return bool(np.all(((t_sol >= 0) if has_rule else False) | (t_div >= 0)))
+
+
+def finite_median(values) -> float | None:
+    """Median over the runs whose value is finite (a diverged run's is not; None counts as
+    not finite); None when no run's is."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(np.median(v)) if len(v) else None
+
+
 def meets_target(config: JobConfig, point: EvalPoint) -> np.ndarray:
     """Per run: does this evaluation meet the job's stopping rule (accuracy and/or cost)?"""
     ok = np.ones(len(point.cost), dtype=bool)
@@ -200,15 +213,12 @@ class Engine:
         start = time.perf_counter()
         point = None
 
-        def over() -> bool:  # every run solved or diverged (only divergence ends a job without a rule)
-            return bool(np.all(((t_sol >= 0) if has_rule else False) | (t_div >= 0)))
-
         while self.tick < cfg.max_ticks:
             for _ in range(min(cfg.eval_every, cfg.max_ticks - self.tick)):
                 self.step()
                 if stage.diverged:
                     note_divergence(t_div, stage)
-                    if over():
+                    if runs_over(t_sol, t_div, has_rule):
                         break
             point = self.evaluate()
             history.append(point)
@@ -219,7 +229,7 @@ class Engine:
                 c0_sol[newly] = point.c0_measurements
             if on_eval is not None:
                 on_eval(point, t_sol >= 0)
-            if over():
+            if runs_over(t_sol, t_div, has_rule):
                 break
         wall = time.perf_counter() - start
         if point is None:
@@ -231,11 +241,6 @@ class Engine:
 def _finite_list(values: np.ndarray) -> list:
     """Per-run values for JSON: a diverged run's NaN or ∞ becomes None (JSON has no NaN)."""
     return [float(v) if np.isfinite(v) else None for v in values]
-
-
-def _finite_median(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(np.median(finite)) if len(finite) else None
 
 
 def summarize(result: EngineResult) -> dict:
@@ -255,8 +260,8 @@ def summarize(result: EngineResult) -> dict:
         "converged": int(solved.sum()),
         "ticks_run": int(result.ticks),
         "c0_measurements_run": int(result.c0_measurements),
-        "final_cost_median": _finite_median(result.final_cost),
-        "final_accuracy_median": _finite_median(result.final_accuracy),
+        "final_cost_median": finite_median(result.final_cost),
+        "final_accuracy_median": finite_median(result.final_accuracy),
         "final_cost": _finite_list(result.final_cost),  # per run
         "final_accuracy": _finite_list(result.final_accuracy),
         "wall_time_s": result.wall_time,
