@@ -4,7 +4,7 @@
     python benchmarks/gpu_cnn.py cifar10    # 26,154 parameters, to 60 % held-out accuracy in ≤ 5×10⁶ ticks
     python benchmarks/gpu_cnn.py fmnist --max-ticks 20 --eval-every 10 --device cpu   # CPU smoke check
 
-The job is the task's shipped config (configs/fmnist.toml, configs/cifar10.toml), the same one
+The job is the task's shipped config (configs/fmnist-rcm.toml, configs/cifar10-rcm.toml), the same one
 `pmgd train --config` runs; flags override its budget, evaluation and η, A. Prints one line per
 evaluation and a final JSON line (the summary, device and whether the target was reached;
 ``--batch`` and ``--c-tilde-limit`` serve the CPU measurements of docs/studies.md);
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--c-tilde-limit", type=float, default=None, help="clip C̃ to ±X (default: the config's)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = ap.parse_args(argv)
-    base = JobConfig.load(os.path.join(ROOT, "configs", f"{args.task}.toml"))
+    base = JobConfig.load(os.path.join(ROOT, "configs", f"{args.task}-rcm.toml"))
     data_dir = args.data_dir or os.environ.get("PMGD_DATA_DIR") or os.path.join(
         ROOT, "..", "shared", "data", DEFAULT_DATA[args.task])
     changes = {"data_dir": data_dir, "max_ticks": args.max_ticks or base.max_ticks, "eta": args.eta or base.eta,

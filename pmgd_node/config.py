@@ -110,6 +110,12 @@ class JobConfig:
     # Chip side: every C̃ is clipped to ±c_tilde_limit before it is broadcast (the authors'
     # C_ac_limit, a stabiliser against single huge cost swings); None: not clipped.
     c_tilde_limit: float | None = None
+    # CNN tasks: cross-entropy against labels smoothed to (1 − s)·one-hot + s/classes (the
+    # authors' CNN runs use 0.01); it bounds the logits the cost rewards. 0: plain cross-entropy.
+    label_smoothing: float = 0.0
+    # λ of a local weight decay: every update is θ⁰ ← (1 − ηλ)·θ⁰ − η·G, a restoring force
+    # against the random walk that θ⁰ makes along directions the cost does not see. 0: none.
+    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
@@ -297,6 +303,13 @@ def _validate(c: JobConfig) -> None:
     _float_range("device_variation", c.device_variation, 0.0, 1.0, lo_open=False)
     if c.c_tilde_limit is not None:
         _float_range("c_tilde_limit", c.c_tilde_limit, 0.0, 1e6)
+    _float_range("label_smoothing", c.label_smoothing, 0.0, 0.5, lo_open=False)
+    if c.label_smoothing and c.task.startswith("parity"):
+        raise ConfigError("label_smoothing", f"smooths the CNNs' cross-entropy; {c.task} trains on the MSE, use 0")
+    _float_range("weight_decay", c.weight_decay, 0.0, 1e6, lo_open=False)
+    if c.eta * c.weight_decay >= 1:
+        raise ConfigError("weight_decay", f"η·λ must be < 1 (each update scales θ⁰ by 1 − ηλ); "
+                                          f"got η = {c.eta}, λ = {c.weight_decay}")
     if not isinstance(c.fm_gain_correction, bool):
         raise ConfigError("fm_gain_correction", f"must be true or false; got {c.fm_gain_correction!r}")
     if c.fm_gain_correction and c.perturbation != "fm":

@@ -8,8 +8,10 @@ run and tick, the cost variation C̃[t], and updates itself from that and local 
              (analog FM with ``fm_gain_correction``: also / max(Re H(f_i), GAIN_FLOOR),
               its own tone's high-pass gain, pmgd_node.cost_variation)
     G_i    ← integrate(G_i, ε_i)                          (sum, momentum or leaky lowpass)
-    θ⁰_i   ← θ⁰_i − η·G_i    every τ_θ ticks (discrete; after tick t with (t+1) mod τ_θ = 0)
-                              every tick      (analog: dθ⁰/dt = −ηG, one step per tick)
+    θ⁰_i   ← (1 − ηλ)·θ⁰_i − η·G_i
+                    every τ_θ ticks (discrete; after tick t with (t+1) mod τ_θ = 0)
+                    every tick      (analog: dθ⁰/dt = −η(G + λθ⁰), one step per tick)
+             with λ the job's ``weight_decay`` (0 by default: θ⁰_i ← θ⁰_i − η·G_i)
 
 No sockets, clocks or environment reads: the node process (and the in-process engine)
 feeds it ticks and C̃ values. Because θ̃[t] is a pure function of (seed, index, t), a C̃
@@ -57,6 +59,7 @@ class ParameterNode:
             gain = corrected_gain(self.perturbation.freq[:, start:stop], config.tau_hp)
             self._inv_power = (1.0 / (self.perturbation.power * gain)).astype(theta0.dtype)
         self._eta = theta0.dtype.type(config.eta)
+        self._decay = theta0.dtype.type(1.0 - config.eta * config.weight_decay) if config.weight_decay else None
         self._analog = config.mode == "analog"
         self._tagged = config.correlation == "tagged"
         self._blocks: dict[int, np.ndarray] = {}
@@ -122,13 +125,15 @@ class ParameterNode:
         self.integrator.accumulate(eps)
 
     def end_tick(self, tick: int) -> bool:
-        """Close tick ``tick``: apply θ⁰ ← θ⁰ − ηG if an update is due; True if θ⁰ changed."""
+        """Close tick ``tick``: apply θ⁰ ← (1 − ηλ)θ⁰ − ηG if an update is due; True if θ⁰ changed."""
         if not (self._analog or (tick + 1) % self._tau_theta == 0):
             return False
         # ε's buffer is free between ticks: it takes η·G (the same product as a fresh array would).
         step = np.multiply(self._eta, self.integrator.g, out=self._eps)
         if self._update_gain is not None:
             step *= self._update_gain
+        if self._decay is not None:
+            self.theta0 *= self._decay
         self.theta0 -= step
         if self._update_noise:
             self.theta0 += imperfections.update_noise(self._seeds, tick, self.start, self.stop, self._num_params,

@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
     sub.add_parser("evaluator", help="serve the broadcaster's forward passes (remote evaluator hop)", add_help=False)
     sub.add_parser("jobs", help="control jobs on a running API: submit, ls, show, stop, logs", add_help=False)
+    sub.add_parser("curve", help="one long learning curve beside backprop, checkpointed (resumable)", add_help=False)
     return parser
 
 
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "jobs":
         from services.api.client import main as jobs_main
         return jobs_main(argv[1:])
+    if argv and argv[0] == "curve":
+        from services.studies.curve import main as curve_main
+        return curve_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

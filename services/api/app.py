@@ -217,9 +217,9 @@ def _cluster_status(control: str) -> dict:
 def _score_in_process(config: JobConfig, theta: np.ndarray, req: EvaluateRequest) -> dict:
     from services.evaluator.data import load
     from services.evaluator.inference import score
-    from services.evaluator.models import build_model
+    from services.evaluator.models import job_model
 
-    model = build_model(config.task, config.network, init_scale=config.init_scale)
+    model = job_model(config)
     data = load(config.task, config.data_dir, req.split)
     if req.limit:
         data = type(data)(data.x[: req.limit], data.y[: req.limit], data.num_classes, data.name)

@@ -39,7 +39,7 @@ from services.engine.engine import (
     runs_over,
 )
 from services.evaluator.data import Dataset, load
-from services.evaluator.models import build_model
+from services.evaluator.models import job_model
 from services.evaluator.remote import RemoteCost
 
 _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
@@ -52,7 +52,7 @@ class JobRun:
                              "a tick period > 0 seconds")
         self.asynchronous = config.timing == "async"
         self.id, self.config = job_id, config
-        self.model = build_model(config.task, config.network, device=device, init_scale=config.init_scale)
+        self.model = job_model(config, device=device)
         train = load(config.task, config.data_dir, "train")
         evalset = train if config.task.startswith("parity") else load(config.task, config.data_dir, "test")
         if config.eval_samples:

@@ -35,7 +35,7 @@ from pmgd_node.node import ParameterNode
 from pmgd_node.sharding import shard_ranges
 from services.broadcaster.output_stage import OutputStage
 from services.evaluator.data import Dataset, load
-from services.evaluator.models import Model, build_model
+from services.evaluator.models import Model, job_model
 
 from .async_transport import AsyncTransport
 from .transport import InMemoryTransport
@@ -129,7 +129,7 @@ class Engine:
     def __init__(self, config: JobConfig, model: Model | None = None, train: Dataset | None = None,
                  evalset: Dataset | None = None, device: str | None = None):
         self.config = config
-        self.model = model or build_model(config.task, config.network, device=device, init_scale=config.init_scale)
+        self.model = model or job_model(config, device=device)
         if train is None:
             train = load(config.task, config.data_dir, "train")
         if evalset is None:

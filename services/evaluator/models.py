@@ -391,9 +391,13 @@ class CNN(Model):
         device: str | None = None,
         init_scale: float = 1.0,
         dtype: str = "float32",
+        label_smoothing: float = 0.0,
     ) -> None:
         torch = _torch()
         self.spec = tuple(spec)
+        # Cross-entropy against (1 − s)·one-hot + s/classes: its optimum keeps the logits finite,
+        # so the cost stops rewarding ever larger weights (the authors' CNN runs use s = 0.01).
+        self.label_smoothing = float(label_smoothing)
         self.input_shape = tuple(int(v) for v in input_shape)
         self.num_classes = int(num_classes)
         self.name = name
@@ -589,9 +593,11 @@ class CNN(Model):
         """Mean cross-entropy per run in the model's dtype: z (S, B, classes), y (B,) or (S, B)."""
         F = _torch().nn.functional
         runs, size, classes = z.shape
+        s = self.label_smoothing
         if runs == 1:
-            return F.cross_entropy(z[0], y if y.ndim == 1 else y[0])[None]
-        ce = F.cross_entropy(z.reshape(runs * size, classes), y.expand(runs, size).reshape(-1), reduction="none")
+            return F.cross_entropy(z[0], y if y.ndim == 1 else y[0], label_smoothing=s)[None]
+        ce = F.cross_entropy(z.reshape(runs * size, classes), y.expand(runs, size).reshape(-1), reduction="none",
+                             label_smoothing=s)
         return ce.view(runs, size).mean(dim=1)
 
     def evaluate(self, theta, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
@@ -623,23 +629,28 @@ class CNN(Model):
         with torch.enable_grad():
             for s in range(t.shape[0]):
                 flat = t[s].clone().requires_grad_(True)
-                loss = F.cross_entropy(self.logits(flat, self._x(batch, s)), self._y(batch, s))
+                loss = F.cross_entropy(self.logits(flat, self._x(batch, s)), self._y(batch, s),
+                                       label_smoothing=self.label_smoothing)
                 (g,) = torch.autograd.grad(loss, flat)
                 grads.append(g)
         g = torch.stack(grads).cpu().numpy()
         return g[0] if single else g
 
 
-def fmnist_cnn(device: str | None = None, init_scale: float = 1.0, dtype: str = "float32") -> CNN:
+def fmnist_cnn(device: str | None = None, init_scale: float = 1.0, dtype: str = "float32",
+               label_smoothing: float = 0.0) -> CNN:
     """Fashion-MNIST reference CNN (14,378 parameters): 1→16→32→32 conv3×3 + pool2, dense 32→10."""
     spec = (Conv(1, 16), Pool(2), Conv(16, 32), Pool(2), Conv(32, 32), Pool(2), Dense(32, 10))
-    return CNN(spec, (1, 28, 28), 10, name="fmnist-cnn", device=device, init_scale=init_scale, dtype=dtype)
+    return CNN(spec, (1, 28, 28), 10, name="fmnist-cnn", device=device, init_scale=init_scale, dtype=dtype,
+               label_smoothing=label_smoothing)
 
 
-def cifar10_cnn(device: str | None = None, init_scale: float = 1.0, dtype: str = "float32") -> CNN:
+def cifar10_cnn(device: str | None = None, init_scale: float = 1.0, dtype: str = "float32",
+                label_smoothing: float = 0.0) -> CNN:
     """CIFAR-10 reference CNN (26,154 parameters): 3→16→32→64 conv3×3 + pool2, dense 256→10."""
     spec = (Conv(3, 16), Pool(2), Conv(16, 32), Pool(2), Conv(32, 64), Pool(2), Dense(256, 10))
-    return CNN(spec, (3, 32, 32), 10, name="cifar10-cnn", device=device, init_scale=init_scale, dtype=dtype)
+    return CNN(spec, (3, 32, 32), 10, name="cifar10-cnn", device=device, init_scale=init_scale, dtype=dtype,
+               label_smoothing=label_smoothing)
 
 
 _PARITY_RE = re.compile(r"parity(\d+)")
@@ -652,10 +663,11 @@ MLP_INIT_SCALE = 0.5
 
 
 def build_model(task: str, network: str | None = None, device: str | None = None,
-                init_scale: float | None = None) -> Model:
+                init_scale: float | None = None, label_smoothing: float = 0.0) -> Model:
     """Model for a task: ``parityN`` → MLP N-N-1 (``network`` such as "2-2-1" overrides;
     its input size must be N), ``fmnist`` → :func:`fmnist_cnn`, ``cifar10`` → :func:`cifar10_cnn`.
-    ``init_scale`` None picks the reference init (``MLP_INIT_SCALE`` for MLPs, 1 for CNNs)."""
+    ``init_scale`` None picks the reference init (``MLP_INIT_SCALE`` for MLPs, 1 for CNNs);
+    ``label_smoothing`` applies to the CNNs' cross-entropy (the MLPs' cost is the MSE)."""
     m = _PARITY_RE.fullmatch(task)
     if m:
         n = int(m.group(1))
@@ -667,11 +679,20 @@ def build_model(task: str, network: str | None = None, device: str | None = None
             layers = tuple(int(v) for v in network.strip().split("-"))
             if layers[0] != n:
                 raise ValueError(f"network {network!r} has {layers[0]} inputs but task {task!r} has {n}")
+        if label_smoothing:
+            raise ValueError(f"label_smoothing applies to the CNNs' cross-entropy; {task} trains on the MSE")
         return MLP(layers, init_scale=MLP_INIT_SCALE if init_scale is None else init_scale)
     builders = {"fmnist": fmnist_cnn, "cifar10": cifar10_cnn}
     if task in builders:
-        model = builders[task](device=device, init_scale=1.0 if init_scale is None else init_scale)
+        model = builders[task](device=device, init_scale=1.0 if init_scale is None else init_scale,
+                               label_smoothing=label_smoothing)
         if network not in (None, "", model.name, "cnn", f"cnn-{task}"):
             raise ValueError(f"task {task!r} has one network ({model.name}); got network={network!r}")
         return model
     raise ValueError(f"unknown task {task!r}: expected parityN, 'fmnist' or 'cifar10'")
+
+
+def job_model(config, device: str | None = None) -> Model:
+    """The model a :class:`~pmgd_node.config.JobConfig` trains: its task, network, init and cost."""
+    return build_model(config.task, config.network, device=device, init_scale=config.init_scale,
+                       label_smoothing=config.label_smoothing)

@@ -31,7 +31,7 @@ from pmgd_node.config import JobConfig
 from pmgd_node.settings import parse, serve
 
 from .data import load
-from .models import build_model
+from .models import job_model
 
 
 class RemoteError(RuntimeError):
@@ -100,7 +100,7 @@ class CostServer:
         entry = self.jobs.get(job)
         if entry is None:
             cfg = JobConfig.from_dict(config)
-            model = build_model(cfg.task, cfg.network, device=self.s.device or None, init_scale=cfg.init_scale)
+            model = job_model(cfg, device=self.s.device or None)
             entry = (model, load(cfg.task, cfg.data_dir, "train"), {})
             if len(self.jobs) >= self.s.max_jobs:
                 self.jobs.pop(next(iter(self.jobs)))

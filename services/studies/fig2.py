@@ -110,9 +110,9 @@ class Fig2(Study):
         from services.engine.engine import initial_parameters
         from services.evaluator.data import load
         from services.evaluator.gradient_angle import angle_degrees
-        from services.evaluator.models import build_model
+        from services.evaluator.models import job_model
 
-        model = build_model(config.task, config.network, init_scale=config.init_scale)
+        model = job_model(config)
         data = load(config.task)
         if config.batch < len(data.y):
             return [None] * config.seeds  # the limit below is for the full-data gradient only

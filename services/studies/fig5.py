@@ -108,9 +108,9 @@ class Fig5(Study):
     def _initial_cost(config: JobConfig) -> np.ndarray:
         from services.engine.engine import initial_parameters
         from services.evaluator.data import load
-        from services.evaluator.models import build_model
+        from services.evaluator.models import job_model
 
-        model = build_model(config.task, config.network, init_scale=config.init_scale)
+        model = job_model(config)
         data = load(config.task)
         return model.cost(initial_parameters(model, config), model.prepare(data.x, data.y))
 

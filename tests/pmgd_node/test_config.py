@@ -73,3 +73,16 @@ def test_fm_gain_correction_is_a_bool_for_fm_only():
             JobConfig(perturbation="fm", mode="analog", fm_gain_correction=bad)
     with pytest.raises(ConfigError, match="'fm_gain_correction'.*perturbation fm, not rcm"):
         JobConfig(fm_gain_correction=True)
+
+
+def test_label_smoothing_and_weight_decay_are_bounded_and_named():
+    c = JobConfig(task="fmnist", label_smoothing=0.01, weight_decay=0.02)
+    assert (c.label_smoothing, c.weight_decay) == (0.01, 0.02)
+    with pytest.raises(ConfigError, match="'label_smoothing'.*MSE"):
+        JobConfig(label_smoothing=0.1)  # parity trains on the MSE: nothing to smooth
+    with pytest.raises(ConfigError, match="'label_smoothing'.*≤ 0.5"):
+        JobConfig(task="fmnist", label_smoothing=0.9)
+    with pytest.raises(ConfigError, match="'weight_decay'.*≥ 0.0"):
+        JobConfig(weight_decay=-0.1)
+    with pytest.raises(ConfigError, match="'weight_decay'.*η·λ must be < 1"):
+        JobConfig(eta=0.5, weight_decay=2.0)

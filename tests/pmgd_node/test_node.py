@@ -88,3 +88,26 @@ def test_high_pass_removes_dc_keeps_fast_tones():
     z = np.exp(2j * np.pi * 0.25)
     gain = abs(a * (1 - 1 / z) / (1 - a / z))
     assert np.sqrt(2) * tail.std() == pytest.approx(0.1 * gain, rel=0.01)
+
+
+def test_weight_decay_scales_theta0_by_one_minus_eta_lambda_at_each_update():
+    """θ⁰ ← (1 − ηλ)·θ⁰ − η·G, on the update ticks only; λ = 0 leaves the plain rule."""
+    theta0 = np.array([[1.0, -2.0, 3.0]])
+    plain = ParameterNode(JobConfig(eta=0.5, tau_theta=2), 9, 3, 6, theta0)
+    decayed = ParameterNode(JobConfig(eta=0.5, tau_theta=2, weight_decay=0.1), 9, 3, 6, theta0)
+    for t in range(2):
+        c = np.array([0.03 * (t + 1)])
+        plain.receive(c, t)
+        decayed.receive(c, t)
+        if t == 0:
+            np.testing.assert_array_equal(decayed.theta0, theta0)  # no update yet: no decay either
+    step = theta0 - plain.theta0  # η·G
+    np.testing.assert_allclose(decayed.theta0, (1 - 0.5 * 0.1) * theta0 - step, rtol=0, atol=1e-15)
+
+
+def test_analog_weight_decay_acts_every_tick():
+    cfg = JobConfig(mode="analog", perturbation="cm", eta=0.2, weight_decay=0.5)
+    node = ParameterNode(cfg, 4, 0, 4, np.ones((1, 4)))
+    for t in range(3):
+        node.receive(np.zeros(1), t)  # no cost signal: only the decay moves θ⁰
+    np.testing.assert_allclose(node.theta0, (1 - 0.2 * 0.5) ** 3)

@@ -64,7 +64,8 @@ def test_cnn_float32_job_is_bit_identical_too(cluster, tmp_path):
 
     write_fake_fashion_mnist(tmp_path, n_train=100, n_test=50, seed=0)
     config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=3,
-                       max_ticks=30, eval_every=15, target_accuracy=None, seed=3)
+                       max_ticks=30, eval_every=15, target_accuracy=None, seed=3, label_smoothing=0.01,
+                       weight_decay=0.1)
     summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
     result, theta0, trail = engine_reference(config)
     assert theta0.dtype == np.float32
@@ -81,7 +82,7 @@ def test_link_models_apply_identically_on_the_cluster(cluster):
 
 def test_imperfections_and_compensation_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, cost_noise=0.01, update_noise=0.002, device_variation=0.2,
-                       correlation="untagged", delay=1, compensation=1, seed=4)
+                       correlation="untagged", delay=1, compensation=1, seed=4, weight_decay=0.05)
     summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
     _assert_identical(summary, config)
 

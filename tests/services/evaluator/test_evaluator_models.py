@@ -287,3 +287,31 @@ def test_cnn_rejects_bad_shapes():
         cnn.cost(np.zeros((1, 10), np.float32), cnn.prepare(np.zeros((1, 1, 28, 28), np.float32), [0]))
     with pytest.raises(ValueError, match="Dense"):
         M.CNN((M.Conv(1, 2), M.Dense(10, 10)), (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_cnn_label_smoothing_is_cross_entropy_against_smoothed_labels(runs):
+    """C = −Σ_c q_c log p_c with q = (1 − s)·one-hot + s/classes, per run; and its gradient."""
+    import torch
+
+    s = 0.1
+    plain, smooth = M.build_model("fmnist", device="cpu"), M.build_model("fmnist", device="cpu", label_smoothing=s)
+    rng = np.random.default_rng(0)
+    theta = plain.init(rng, runs)
+    x, y = rng.normal(size=(6, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 6)
+    batch = plain.prepare(x, y)
+    logp = torch.log_softmax(torch.from_numpy(plain.forward(theta, x).reshape(runs, 6, 10)).double(), dim=-1).numpy()
+    q = np.full((6, 10), s / 10) + (1 - s) * np.eye(10)[y]
+    expected = -(q * logp).sum(-1).mean(-1)
+    np.testing.assert_allclose(np.atleast_1d(smooth.cost(theta, batch)), expected, rtol=1e-5)
+    assert np.all(np.atleast_1d(plain.cost(theta, batch)) != np.atleast_1d(smooth.cost(theta, batch)))
+    # The backprop baseline trains the same smoothed cost: autograd against a finite difference.
+    d = np.zeros_like(theta[:1])
+    d[0, -1] = 1e-2  # the last dense bias
+    fd = (smooth.cost(theta[:1] + d, batch) - smooth.cost(theta[:1] - d, batch)) / 2e-2
+    np.testing.assert_allclose(smooth.gradient(theta[:1], batch)[0, -1], fd, rtol=1e-2)
+
+
+def test_label_smoothing_is_refused_for_the_mse_models():
+    with pytest.raises(ValueError, match="label_smoothing.*MSE"):
+        M.build_model("parity2", label_smoothing=0.1)
