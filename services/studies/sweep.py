@@ -165,7 +165,8 @@ class Context:
         rows = [{"seed": config.seed + r, "solved": bool(result.solved[r]),
                  "ticks_to_solution": int(result.ticks_to_solution[r]),
                  "c0_to_solution": int(result.c0_to_solution[r]), "ticks_run": result.ticks,
-                 "final_cost": float(result.final_cost[r]), "final_accuracy": float(result.final_accuracy[r])}
+                 "final_cost": float(result.final_cost[r]), "final_accuracy": float(result.final_accuracy[r]),
+                 "diverged_at": int(result.diverged_at[r])}
                 for r in range(config.seeds)]
         return Trained(rows, [(p.tick, p.cost, p.accuracy) for p in result.history])
 
@@ -184,7 +185,8 @@ class Context:
         t_sol = s.get("ticks_to_solution", [s["ticks_to_solution_median"] or -1])
         rows = [{"seed": config.seed + r, "solved": t_sol[r] >= 0, "ticks_to_solution": int(t_sol[r]),
                  "c0_to_solution": -1, "ticks_run": s["ticks_run"], "final_cost": s["final_cost"][r],
-                 "final_accuracy": s["final_accuracy"][r]} for r in range(config.seeds)]
+                 "final_accuracy": s["final_accuracy"][r], "diverged_at": s["diverged_at"][r]}
+                for r in range(config.seeds)]
         return Trained(rows, history)
 
     def close(self) -> None:
