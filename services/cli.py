@@ -71,6 +71,8 @@ _HELP = {
     "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
     "fm_gain_correction": "analog FM: each node divides its ε by its tone's high-pass gain",
     "c_tilde_limit": "clip every C̃ to ±X before it is broadcast ('none': never)",
+    "label_smoothing": "CNNs: cross-entropy against (1 − X)·one-hot + X/classes (the authors use 0.01)",
+    "weight_decay": "λ of each node's local decay: θ⁰ ← (1 − ηλ)θ⁰ − ηG at every update",
 }
 
 # What an empty default means, where printing the value itself would say nothing.
