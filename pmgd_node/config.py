@@ -4,7 +4,7 @@ A job config travels over the wire (it is plain data: ``to_dict``/``from_dict``)
 validated once, at construction: a bad value raises :class:`ConfigError` naming the field
 and the allowed values, so nothing downstream ever sees an invalid job.
 
-Conventions (DESIGN §1): η is normalised so that ``E[ε_i] = ∂C/∂θ_i`` for every perturbation
+Conventions (docs/architecture.md §1): η is normalised so that ``E[ε_i] = ∂C/∂θ_i`` for every perturbation
 type (analog FM: times its tone's high-pass gain Re H(f_i), unless ``fm_gain_correction``);
 τ_θ and τ_x are in perturbed ticks; the mini-batch of discrete mode is τ_θ/τ_x samples.
 Run ``r`` of a multi-seed job uses seed ``seed + r`` for its initialisation and perturbation,
@@ -80,7 +80,7 @@ class JobConfig:
     eval_samples: int = 0  # held-out samples per check (0 = whole split)
     nodes: int = 1
     data_dir: str = ""
-    # --- timing and links (DESIGN §2); all in ticks, so the engine and the cluster agree ---
+    # --- timing and links (docs/architecture.md §2); all in ticks, so the engine and the cluster agree ---
     timing: str = "sync"  # sync: lock-step ticks; async: every node ticks on its own clock
     correlation: str = "tagged"  # tagged: C̃ carries its tick; untagged: nodes use their current θ̃
     delay: int = 0  # C̃ broadcast → node: fixed delay, ticks

@@ -1,4 +1,4 @@
-"""Link models: what a message suffers between a node and the broadcaster (DESIGN §2).
+"""Link models: what a message suffers between a node and the broadcaster (docs/architecture.md §2).
 
 Each direction of each node's link delays, jitters and drops messages as a pure function
 of (job seed, node, direction, message sequence number), so the in-process engine and the
@@ -118,7 +118,7 @@ _CLOCK_STREAM = 0x434C4F4B  # "CLOK"
 
 
 class Clock:
-    """A node's tick clock, read in broadcaster ticks (async timing, DESIGN §2).
+    """A node's tick clock, read in broadcaster ticks (async timing, docs/architecture.md §2).
 
     Node ``node`` runs at rate r and phase φ, both seeded by (job seed, node) alone:
 

@@ -1,4 +1,4 @@
-"""The PMGD wire protocol: every message between nodes, broadcaster and clients (DESIGN §3).
+"""The PMGD wire protocol: every message between nodes, broadcaster and clients (docs/architecture.md §4).
 
 A message is a list of ZeroMQ frames::
 

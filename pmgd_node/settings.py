@@ -1,4 +1,4 @@
-"""Service settings at the edge (DESIGN §3), shared by every service process.
+"""Service settings at the edge (docs/architecture.md §4), shared by every service process.
 
 A service's settings are one frozen dataclass of str/int/float fields. :func:`parse` reads
 each field from the environment (``<prefix><FIELD>``), lets a command-line flag

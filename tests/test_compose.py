@@ -73,7 +73,7 @@ PMGD = {
                       metrics_port="http_port", health_path="/health"),
 }
 
-# Start order (DESIGN §2 topology): a service waits for what it talks to.
+# Start order (docs/architecture.md §2 topology): a service waits for what it talks to.
 EXPECTED_DEPENDS = {"broadcaster": {"evaluator"}, "node": {"broadcaster"}, "api": {"broadcaster"},
                     "prometheus": {"api"}, "grafana": {"prometheus"}}
 

@@ -1,4 +1,4 @@
-"""The async in-memory transport: every node ticks on its own clock (DESIGN §2, "async").
+"""The async in-memory transport: every node ticks on its own clock (docs/architecture.md §2, "async").
 
 Virtual time is measured in broadcaster ticks: broadcaster tick t happens at time t. Node i
 runs its own clock (``pmgd_node.link.Clock``): local tick k starts at s_i(k) = (k − φ_i)/r_i.

@@ -1,6 +1,6 @@
 """Datasets as numpy arrays, read from their standard on-disk formats.
 
-Tasks (DESIGN.md §1): ``parityN`` (all 2**N inputs of N bits, label = XOR of the bits),
+Tasks (docs/architecture.md §1): ``parityN`` (all 2**N inputs of N bits, label = XOR of the bits),
 ``fmnist`` (Fashion-MNIST IDX files) and ``cifar10`` (CIFAR-10 python batches as
 torchvision stores them, or the staged JPEG npz files described in
 ``shared/data/README.md``).

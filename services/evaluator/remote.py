@@ -3,7 +3,7 @@
 With ``pmgd broadcaster --evaluator tcp://…`` the output stage sends, per forward pass, θ
 of every run and the indices of the training samples on show (``CostRequest``); the cost
 server (``pmgd evaluator``) runs the very same model code on its own copy of the data and
-answers C per run (``CostReply``). This is the chip-in-the-loop hop of DESIGN §2: its
+answers C per run (``CostReply``). This is the chip-in-the-loop hop of docs/architecture.md §2: its
 latency becomes part of every tick, while the trajectory stays bit-identical (same code,
 same numbers). The server keeps one model and data set per job, loaded on first use.
 

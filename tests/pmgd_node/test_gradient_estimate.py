@@ -1,6 +1,6 @@
 """The size of the gradient estimate: a node alone, fed C̃ of a known smooth cost.
 
-E[ε_i] = ∂C/∂θ_i is the project's convention (DESIGN §1), so the long-run mean of ε must
+E[ε_i] = ∂C/∂θ_i is the project's convention (docs/architecture.md §1), so the long-run mean of ε must
 match ∇C in direction *and norm*; a wrong ⟨θ̃²⟩ (e.g. A² for FM instead of A²/2) scales every
 ε by the same factor and leaves the direction alone, so only the norm catches it.
 

@@ -1,4 +1,4 @@
-"""Link models on the in-process engine behave as theory says (DESIGN §2).
+"""Link models on the in-process engine behave as theory says (docs/architecture.md §2).
 
 2-bit parity (2-2-1, R-CM) unless stated; every claim is measured over tens to hundreds of
 vectorised runs, and the thresholds sit several standard deviations of seed noise away from
