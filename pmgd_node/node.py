@@ -104,9 +104,6 @@ class ParameterNode:
         """θ⁰ + θ̃[tick]: what the network computes with during a perturbed tick."""
         return self.theta0 + self.perturbation_at(tick)
 
-    def update_due(self, tick: int) -> bool:
-        return self._analog or (tick + 1) % self._tau_theta == 0
-
     def hear(self, c_tilde: np.ndarray, tag: int, now: int) -> None:
         """Integrate ε = C̃·θ̃[k]/⟨θ̃²⟩ for a C̃ measured at tick ``tag`` and heard at tick ``now``.
 
