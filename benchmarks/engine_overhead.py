@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pmgd_node.config import JobConfig  # noqa: E402
-from services.engine.engine import Engine, summarize  # noqa: E402
+from services.chip.job import summarize  # noqa: E402
+from services.engine.engine import Engine  # noqa: E402
 from services.evaluator.data import Dataset, DatasetError, load  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,7 +111,7 @@ def flat_parity(cfg: JobConfig) -> tuple[float, np.ndarray, np.ndarray]:
         eps *= eta
         theta0 -= eps
         if (t + 1) % cfg.eval_every == 0:
-            cost, accuracy = model.evaluate(theta0, engine._eval_batch)
+            cost, accuracy = model.evaluate(theta0, engine.eval_batch)
             t_sol[(accuracy >= cfg.target_accuracy - 1e-12) & (t_sol < 0)] = t + 1
             if np.all(t_sol >= 0):
                 break

@@ -25,7 +25,8 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 sys.path.insert(0, ROOT)
 
 from pmgd_node.config import JobConfig  # noqa: E402
-from services.engine.engine import Engine, summarize  # noqa: E402
+from services.chip.job import summarize  # noqa: E402
+from services.engine.engine import Engine  # noqa: E402
 
 DEFAULT_DATA = {"fmnist": "fashion-mnist", "cifar10": "cifar10"}  # folders of ../shared/data
 

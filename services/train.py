@@ -9,7 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pmgd_node.config import JobConfig
-from services.engine.engine import HW_TIMESCALES, Engine, finite_median, summarize
+from services.chip.job import HW_TIMESCALES, finite_median, summarize
+from services.engine.engine import Engine
 
 
 def _fmt_time(seconds: float | None) -> str:

@@ -53,7 +53,7 @@ def test_gpu_cnn_script_runs_the_shipped_config_with_a_line_per_evaluation(task,
     lines = r.stdout.splitlines()
     assert lines[0].startswith("device cpu") and [line.split()[1] for line in lines[1:3]] == ["2", "4"]
     summary = json.loads(lines[-1])
-    shipped = JobConfig.load(os.path.join(ROOT, "configs", f"{task}.toml"))
+    shipped = JobConfig.load(os.path.join(ROOT, "configs", f"{task}-rcm.toml"))
     assert summary["ticks_run"] == 4 and summary["reached_target"] is False and summary["device"] == "cpu"
     assert (summary["task"], summary["diverged"]) == (task, 0)
     assert summary["config"]["eta"] == shipped.eta and summary["config"]["amplitude"] == shipped.amplitude

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pmgd_node.config import JobConfig
-from services.engine.engine import finite_median
+from services.chip.job import finite_median
 from services.evaluator.gradient_angle import angle_degrees
 
 from .store import Store
@@ -182,7 +182,8 @@ class LocalRun(Run):
     """The job on the in-process engine, in this process."""
 
     def execute(self) -> dict:
-        from services.engine.engine import Engine, EngineResult, summarize
+        from services.chip.job import summarize
+        from services.engine.engine import Engine
 
         engine = Engine(self.config)
         ck = self.store.checkpoint(self.id)
@@ -192,7 +193,7 @@ class LocalRun(Run):
                     engine.restore(z)
                     self.store.log(self.id, f"resumed from the checkpoint at tick {engine.tick}")
         self.engine = engine
-        self._prev = (engine.theta0.copy(), engine.model.gradient(engine.theta0, engine._eval_batch)) \
+        self._prev = (engine.theta0.copy(), engine.model.gradient(engine.theta0, engine.eval_batch)) \
             if self.options.get("angle") else None
         self._checkpointed = time.monotonic()
         try:
@@ -200,10 +201,7 @@ class LocalRun(Run):
         except _Halt:
             self.rec.flush()
             self._checkpoint()
-            point = engine.evaluate()
-            result = EngineResult(self.config, engine.model.num_params, engine.tick, engine.stage.c0_measurements,
-                                  engine.t_sol >= 0, engine.t_sol, engine.c0_sol, point.cost, point.accuracy, 0.0)
-            return summarize(result)
+            return summarize(engine.job.result(engine.tick, engine.theta0, 0.0))
         self._checkpoint()
         return summarize(result)
 
@@ -227,7 +225,7 @@ class LocalRun(Run):
             step = theta_prev - theta
             if np.any(step):
                 values["angle"] = float(np.median(angle_degrees(step, grad_prev)))
-            self._prev = (theta.copy(), engine.model.gradient(theta, engine._eval_batch))
+            self._prev = (theta.copy(), engine.model.gradient(theta, engine.eval_batch))
         self.rec.add(point.tick, values)
         self.rec.log_every(lambda: progress_line(point.tick, point.cost, point.accuracy, int(solved.sum()),
                                                  len(solved)))

@@ -29,17 +29,7 @@ import numpy as np
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
-from services.broadcaster.output_stage import OutputStage
-from services.engine.engine import (
-    EngineResult,
-    EvalPoint,
-    initial_parameters,
-    meets_target,
-    note_divergence,
-    runs_over,
-)
-from services.evaluator.data import Dataset, load
-from services.evaluator.models import job_model
+from services.chip.job import ChipJob, EvalPoint, JobResult
 from services.evaluator.remote import RemoteCost
 
 _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
@@ -52,23 +42,14 @@ class JobRun:
                              "a tick period > 0 seconds")
         self.asynchronous = config.timing == "async"
         self.id, self.config = job_id, config
-        self.model = job_model(config, device=device)
-        train = load(config.task, config.data_dir, "train")
-        evalset = train if config.task.startswith("parity") else load(config.task, config.data_dir, "test")
-        if config.eval_samples:
-            evalset = Dataset(evalset.x[: config.eval_samples], evalset.y[: config.eval_samples],
-                              evalset.num_classes, evalset.name)
         # evaluator: endpoint of a remote cost server for the per-tick forward passes (the
         # chip-in-the-loop hop); evaluation on the held-out set stays here.
         remote = RemoteCost(evaluator, job_id, config) if evaluator else None
-        self.stage = OutputStage(config, self.model, train, remote)
-        self._eval_batch = self.model.prepare(evalset.x, evalset.y)
-        P, S = self.model.num_params, config.seeds
-        if config.nodes > P:
-            raise ValueError(f"nodes must be in [1, {P}] for a {P}-parameter network; got {config.nodes}")
-        self.num_params = P
-        self.shards = shard_ranges(P, config.nodes)
-        theta0 = initial_parameters(self.model, config)
+        self.chip = ChipJob(config, device=device, remote=remote)
+        self.model, self.stage = self.chip.model, self.chip.stage
+        self.num_params = self.chip.num_params
+        self.shards = shard_ranges(self.num_params, config.nodes)
+        theta0 = self.chip.initial_theta0()
         self.static = theta0.copy()
         self.effective = np.empty_like(theta0)
         self.epoch = 0
@@ -76,10 +57,6 @@ class JobRun:
         self.have: set[int] = set()
         self.held = np.full(config.nodes, -1, dtype=np.int64)  # async: node tick of the newest shard held
         self.held_at = np.zeros(config.nodes, dtype=np.int64)  # broadcaster tick at which it arrived
-        self.history: list[EvalPoint] = []
-        self.t_sol = np.full(S, -1, dtype=np.int64)
-        self.c0_sol = np.full(S, -1, dtype=np.int64)
-        self.t_div = np.full(S, -1, dtype=np.int64)  # the tick each run diverged at, −1 before
         self.trail = hashlib.sha256()  # chained hash of θ⁰ at the start of every tick
         self._partial: dict[int, dict[int, p.Checkpoint]] = {}  # shard states of unfinished boundaries
         self._stage_at: dict[int, dict] = {}  # broadcaster-side state at those boundaries
@@ -101,10 +78,16 @@ class JobRun:
         state.update(pending or dict(_EMPTY, pending_value=np.zeros((0, self.config.seeds))))
         return state
 
+    @property
+    def history(self) -> list[EvalPoint]:
+        return self.chip.history
+
+    @property
+    def t_sol(self) -> np.ndarray:
+        return self.chip.t_sol
+
     def _boundary(self, tick: int, shards: list[dict]) -> dict:
-        return {"tick": tick, "shards": shards, "stage": self.stage.snapshot(), "history": len(self.history),
-                "t_sol": self.t_sol.copy(), "c0_sol": self.c0_sol.copy(), "t_div": self.t_div.copy(),
-                "trail": self.trail.copy()}
+        return {"tick": tick, "shards": shards, "chip": self.chip.state(), "trail": self.trail.copy()}
 
     def on_checkpoint(self, c: p.Checkpoint) -> bool:
         """Collect one shard's state; True when a boundary is complete and became the checkpoint."""
@@ -144,10 +127,8 @@ class JobRun:
         self.held[:] = -1
         self._partial.clear()
         self._stage_at = {}
-        self.stage.restore(ck["stage"], self.tick)
-        del self.history[ck["history"]:]
-        self.t_sol, self.c0_sol, self.trail = ck["t_sol"].copy(), ck["c0_sol"].copy(), ck["trail"].copy()
-        self.t_div = ck["t_div"].copy()
+        self.chip.restore(ck["chip"], self.tick)
+        self.trail = ck["trail"].copy()
         out = []
         for k, ((a, b), st) in enumerate(zip(self.shards, ck["shards"])):
             self.static[:, a:b] = st["theta0"]
@@ -203,35 +184,22 @@ class JobRun:
 
     def advance(self) -> tuple[p.CostVariation | None, EvalPoint | None]:
         """All weights of tick t are in: evaluate if due, then run tick t (None once finished)."""
-        cfg, t = self.config, self.tick
+        t, chip = self.tick, self.chip
         point = None
-        has_rule = cfg.target_accuracy is not None or cfg.target_cost is not None
-
-        # A C̃ of the last tick that went non-finite and left no run going ends the job now.
-        ended = False
-        if self.stage.diverged:
-            note_divergence(self.t_div, self.stage)
-            ended = runs_over(self.t_sol, self.t_div, has_rule)
-        if t > 0 and (t % cfg.eval_every == 0 or t == cfg.max_ticks or ended):
-            cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
-            point = EvalPoint(t, self.stage.c0_measurements, cost, accuracy)
-            self.history.append(point)
-            note_divergence(self.t_div, self.stage, point, self.static)
-            if has_rule:
-                newly = meets_target(cfg, point) & (self.t_sol < 0) & (self.t_div < 0)
-                self.t_sol[newly] = t
-                self.c0_sol[newly] = point.c0_measurements
-            self.finished = runs_over(self.t_sol, self.t_div, has_rule)
-        if t >= cfg.max_ticks:
+        if chip.evaluation_due(t):
+            point = chip.measure(t, self.static)
+            chip.record(point, self.static)
+            self.finished = chip.over
+        if t >= self.config.max_ticks:
             self.finished = True
         if self.finished:
             return None, point
-        if t > 0 and t % cfg.checkpoint_every == 0 and not self.asynchronous:
+        if t > 0 and t % self.config.checkpoint_every == 0 and not self.asynchronous:
             self._stage_at[t] = self._boundary(t, [])
             self._try_complete(t)
         self.trail.update(self.static)  # C-contiguous: the bytes of tobytes(), without the copy
-        self.stage.begin_tick(t)
-        c_tilde = self.stage.cost_variation(self.static, self.effective)
+        chip.begin_tick(t)
+        c_tilde = chip.cost_variation(self.static, self.effective)
         tags = None
         if self.asynchronous:
             tags = self.held.copy()  # each node correlates C̃ with the tick of the shard used
@@ -240,15 +208,8 @@ class JobRun:
         self.tick = t + 1
         return p.CostVariation(self.id, self.epoch, t, t, np.ascontiguousarray(c_tilde, dtype=np.float64), tags), point
 
-    def result(self) -> EngineResult:
-        if self.history:
-            last = self.history[-1]
-        else:
-            cost, accuracy = self.model.evaluate(self.static, self._eval_batch)
-            last = EvalPoint(self.tick, self.stage.c0_measurements, cost, accuracy)
-        return EngineResult(self.config, self.num_params, self.tick, self.stage.c0_measurements, self.t_sol >= 0,
-                            self.t_sol, self.c0_sol, last.cost, last.accuracy,
-                            time.perf_counter() - self.started, self.history, self.t_div.copy())
+    def result(self) -> JobResult:
+        return self.chip.result(self.tick, self.static, time.perf_counter() - self.started)
 
     # --- persistence (broadcaster restart) ----------------------------------------------------
     def save(self, path: str) -> None:
@@ -256,11 +217,12 @@ class JobRun:
         ck = self.checkpoint
         arrays = {f"{k}/{name}": st[name] for k, st in enumerate(ck["shards"])
                   for name in ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
-        arrays.update(t_sol=ck["t_sol"], c0_sol=ck["c0_sol"], t_div=ck["t_div"])
-        meta = {"job": self.id, "config": self.config.to_dict(), "tick": ck["tick"], "stage": ck["stage"],
+        chip = ck["chip"]
+        arrays.update(t_sol=chip["t_sol"], c0_sol=chip["c0_sol"], t_div=chip["t_div"])
+        meta = {"job": self.id, "config": self.config.to_dict(), "tick": ck["tick"], "stage": chip["stage"],
                 "updates": [st["updates"] for st in ck["shards"]], "epoch": self.epoch,
                 "history": [[h.tick, h.c0_measurements, h.cost.tolist(), h.accuracy.tolist()]
-                            for h in self.history[: ck["history"]]]}
+                            for h in self.history[: chip["history"]]]}
         for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
                               (".json", lambda f: f.write(json.dumps(meta).encode()))):
             with open(path + suffix + ".tmp", "wb") as f:
@@ -276,12 +238,13 @@ class JobRun:
             shards = [{name: z[f"{k}/{name}"] for name in
                        ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
                       | {"updates": meta["updates"][k]} for k in range(len(job.shards))]
-            job.t_sol, job.c0_sol = z["t_sol"].copy(), z["c0_sol"].copy()
-            job.t_div = z["t_div"].copy() if "t_div" in z else np.full_like(job.t_sol, -1)
-        job.history = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
+            chip = {"stage": meta["stage"], "t_sol": z["t_sol"].copy(), "c0_sol": z["c0_sol"].copy()}
+            if "t_div" in z:
+                chip["t_div"] = z["t_div"].copy()
+        job.chip.history[:] = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
+        chip["history"] = len(job.chip.history)
+        job.chip.restore(chip, meta["tick"])
         job.epoch = meta["epoch"]
-        job.checkpoint = {"tick": meta["tick"], "shards": shards, "stage": meta["stage"],
-                          "history": len(job.history), "t_sol": job.t_sol, "c0_sol": job.c0_sol, "t_div": job.t_div,
-                          "trail": hashlib.sha256()}
+        job.checkpoint = {"tick": meta["tick"], "shards": shards, "chip": job.chip.state(), "trail": hashlib.sha256()}
         job.trail_valid = False
         return job

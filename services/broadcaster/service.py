@@ -1,4 +1,4 @@
-"""The cost-broadcaster service: the chip's output stage on the network (DESIGN §2).
+"""The cost-broadcaster service: the chip's output stage on the network (docs/architecture.md §2).
 
 Sockets (all bound; endpoints are settings):
 
@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.settings import parse, serve
-from services.engine.engine import summarize
+from services.chip.job import summarize
 from services.evaluator.remote import RemoteError
 
 from .job import JobRun

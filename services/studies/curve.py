@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pmgd_node.config import ConfigError, JobConfig
-from services.engine.engine import Engine, note_divergence
+from services.engine.engine import Engine
 
 STATE = "curve.npz"
 
@@ -192,9 +192,8 @@ class CurveRun:
                     break
             point = engine.evaluate()
             self.pmgd.add(engine.tick, point.cost[0], point.accuracy[0])
-            t_div = np.array([self.diverged_at])
-            note_divergence(t_div, engine.stage, point, engine.theta0)  # the engine's rule and tick
-            self.diverged_at = int(t_div[0])
+            engine.job.record(point, engine.theta0)  # the job's divergence rule and tick
+            self.diverged_at = int(engine.job.t_div[0])
             self.wall += time.perf_counter() - t0
             self.save()
             norm, ms = float(np.linalg.norm(engine.theta0)), 1e3 * self.wall / max(engine.tick, 1)

@@ -107,7 +107,7 @@ class Fig2(Study):
         """Per network: angle(D∇C, ∇C), D = diag(Re H(f_i)), the FM trace's long-time limit
         (corrected: D = diag(Re H(f_i)/max(Re H(f_i), GAIN_FLOOR)), 1 above the floor)."""
         from pmgd_node.perturbation import FrequencyMultiplexed
-        from services.engine.engine import initial_parameters
+        from services.chip.job import initial_parameters
         from services.evaluator.data import load
         from services.evaluator.gradient_angle import angle_degrees
         from services.evaluator.models import job_model

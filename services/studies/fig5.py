@@ -106,7 +106,7 @@ class Fig5(Study):
 
     @staticmethod
     def _initial_cost(config: JobConfig) -> np.ndarray:
-        from services.engine.engine import initial_parameters
+        from services.chip.job import initial_parameters
         from services.evaluator.data import load
         from services.evaluator.models import job_model
 
@@ -116,7 +116,7 @@ class Fig5(Study):
 
     def _backprop(self, lr: float, p: dict):
         """Exact-gradient SGD from the PMGD runs' θ⁰ (backprop runs in-process on either engine)."""
-        from services.engine.engine import initial_parameters
+        from services.chip.job import initial_parameters
         from services.evaluator.backprop import train_sgd
         from services.evaluator.data import load
         from services.evaluator.models import build_model

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from pmgd_node.config import JobConfig
-from services.engine.engine import HW_TIMESCALES
+from services.chip.job import HW_TIMESCALES
 
 from .sweep import Context, Point, Study
 
@@ -146,7 +146,7 @@ class Table1(Study):
         return rows
 
     def _backprop(self, p: dict) -> list[dict]:
-        from services.engine.engine import initial_parameters
+        from services.chip.job import initial_parameters
         from services.evaluator.backprop import train_sgd
         from services.evaluator.data import load
         from services.evaluator.models import build_model

@@ -113,13 +113,13 @@ def test_local_job_lifecycle_and_result_match_the_engine(api):
     done = api.wait_state(job["id"], FINAL)
     assert done["state"] == "finished" and done["tick"] == 2000
     reference = Engine(config)
-    angles, prev = [], [reference.theta0.copy(), reference.model.gradient(reference.theta0, reference._eval_batch)]
+    angles, prev = [], [reference.theta0.copy(), reference.model.gradient(reference.theta0, reference.eval_batch)]
 
     def angle(point, solved):  # the angle series' definition, recomputed on the reference engine
         step = prev[0] - reference.theta0
         if np.any(step):
             angles.append([point.tick, float(np.median(angle_degrees(step, prev[1])))])
-        prev[:] = reference.theta0.copy(), reference.model.gradient(reference.theta0, reference._eval_batch)
+        prev[:] = reference.theta0.copy(), reference.model.gradient(reference.theta0, reference.eval_batch)
 
     result = reference.run(on_eval=angle)
     assert done["summary"]["ticks_to_solution"] == result.ticks_to_solution.tolist()

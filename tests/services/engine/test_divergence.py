@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pmgd_node.config import JobConfig
-from services.engine.engine import DIVERGENCE_BOUND, Engine, EvalPoint, diverged, summarize
+from services.chip.job import DIVERGENCE_BOUND, EvalPoint, diverged, summarize
+from services.engine.engine import Engine
 from services.evaluator.data import write_fake_fashion_mnist
 
 

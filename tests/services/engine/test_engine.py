@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pmgd_node.config import ConfigError, JobConfig
-from services.engine.engine import Engine, summarize
+from services.chip.job import summarize
+from services.engine.engine import Engine
 
 
 def trajectory(config, ticks):

@@ -7,8 +7,9 @@ import pytest
 from test_engine import assert_solved_means_first_at_100_percent  # same directory, on sys.path
 
 from pmgd_node.config import JobConfig
+from services.chip.job import summarize
 from services.engine.angle_trace import angle_trace
-from services.engine.engine import Engine, summarize
+from services.engine.engine import Engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
