@@ -216,7 +216,7 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
 
     a, b = job.shards[0]  # the largest shard (the first P mod N shards hold one more)
     node = ParameterNode(config, job.num_params, a, b, job.static[:, a:b])
-    rx = Receiver(node, FateTable(node_links(config, 0)[0]))  # as pmgd_node.process builds it
+    rx = Receiver(node, FateTable(node_links(config, 0)[0]))  # as pmgd_node.shell.process builds it
     c = np.full(seeds, 1e-3)
     n_ticks = max(ticks, 1000)
     for t in range(-20, n_ticks):

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         from services.evaluator.remote import main as evaluator_main
         return evaluator_main(argv[1:])
     if argv and argv[0] == "node":
-        from pmgd_node.process import main as node_main
+        from pmgd_node.shell.process import main as node_main
         return node_main(argv[1:])
     if argv and argv[0] == "jobs":
         from services.api.client import main as jobs_main

@@ -6,7 +6,7 @@ real files (no problems) and on a deliberately broken copy (the problem is caugh
 check is shown able to fail in ``test_checker_catches``.
 
 The pmgd services' commands are parsed with the services' own settings classes through
-``pmgd_node.settings.parse``, with the compose environment as the process environment: what
+``pmgd_node.shell.settings.parse``, with the compose environment as the process environment: what
 the test sees is what the container gets.
 """
 
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from pmgd_node import settings as settings_mod
+from pmgd_node.shell import settings as settings_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -63,7 +63,7 @@ PMGD = {
                         zmq_binds=("control", "weights", "cost"),
                         http_ports=(("metrics_port", "metrics_host"),), metrics_port="metrics_port",
                         health_path="/metrics", connects=(("evaluator", "evaluator", "endpoint"),)),
-    "node": Spec("pmgd_node.process", "NodeSettings", "PMGD_",
+    "node": Spec("pmgd_node.shell.process", "NodeSettings", "PMGD_",
                  http_ports=(("metrics_port", "metrics_host"),), metrics_port="metrics_port",
                  health_path="/metrics",
                  connects=(("control", "broadcaster", "control"), ("weights", "broadcaster", "weights"),

@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 
 from pmgd_node.config import JobConfig
-from pmgd_node.settings import parse
+from pmgd_node.shell.settings import parse
 from services.cluster.client import fit_to_cluster
 
 from .jobs import ClusterRun, LocalRun, Run

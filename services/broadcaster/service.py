@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
-from pmgd_node.settings import parse, serve
+from pmgd_node.shell.settings import parse, serve
 from services.chip.job import summarize
 from services.evaluator.remote import RemoteError
 

@@ -28,7 +28,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
-from pmgd_node.settings import parse, serve
+from pmgd_node.shell.settings import parse, serve
 
 from .data import load
 from .models import job_model

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from pmgd_node.process import NodeSettings
-from pmgd_node.settings import from_env, parse
+from pmgd_node.shell.process import NodeSettings
+from pmgd_node.shell.settings import from_env, parse
 
 
 def test_environment_then_flags():

@@ -281,7 +281,7 @@ def decoded(frames: list[bytes]) -> p.Message | str:
 
 
 # What each receiver does with a frame list: the reason it counts, or None (handled or ignored).
-# These mirror services/broadcaster/service.py and pmgd_node/process.py.
+# These mirror services/broadcaster/service.py and pmgd_node/shell/process.py.
 _BROADCASTER_CONTROL_KINDS = (p.Join, p.Heartbeat, p.Checkpoint, p.Submit, p.Status, p.Control)
 _NODE_CONTROL_KINDS = (p.Assign, p.Control, p.CostVariation, p.Heartbeat)
 _NODE_COST_KINDS = (p.CostVariation, p.Control)

@@ -24,10 +24,10 @@ import numpy as np
 import zmq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from . import protocol as p
-from .config import JobConfig
-from .link import Clock, DelayLine, FateTable, Receiver, node_links
-from .node import ParameterNode
+from .. import protocol as p
+from ..config import JobConfig
+from ..link import Clock, DelayLine, FateTable, Receiver, node_links
+from ..node import ParameterNode
 from .settings import parse, serve
 
 

@@ -1,0 +1,56 @@
+"""The import rules of docs/architecture.md §3, read from the source (every import statement,
+function-level ones included): the runtimes share the chip job and never import each other,
+and the node's pure core is free of sockets and of its process shell."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def imports(relpath: str) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved)."""
+    path = os.path.join(ROOT, relpath)
+    package = os.path.dirname(relpath).replace(os.sep, ".")
+    out = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def files(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py"))
+
+
+def offending(paths: list[str], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    found = {p: sorted(m for m in imports(p) if m.startswith(forbidden)) for p in paths}
+    return {p: ms for p, ms in found.items() if ms}
+
+
+def test_the_helper_resolves_relative_imports():
+    assert "pmgd_node.node.ParameterNode" in imports(os.path.join("pmgd_node", "shell", "process.py"))
+    assert "zmq" in imports(os.path.join("pmgd_node", "shell", "process.py"))
+
+
+def test_the_engine_and_the_broadcaster_never_import_each_other():
+    assert offending(files("services/engine"), ("services.broadcaster",)) == {}
+    assert offending(files("services/broadcaster"), ("services.engine",)) == {}
+
+
+def test_the_chip_job_imports_no_runtime():
+    assert offending(files("services/chip"), ("services.engine", "services.broadcaster", "services.api",
+                                              "services.cluster", "zmq")) == {}
+
+
+def test_the_node_core_imports_neither_zmq_nor_its_shell_nor_services():
+    core = [f for f in files("pmgd_node") if f != "pmgd_node/__main__.py"]  # `python -m pmgd_node` starts the shell
+    assert "pmgd_node/node.py" in core and "pmgd_node/shell/process.py" not in core
+    assert offending(core, ("zmq", "pmgd_node.shell", "services", "prometheus_client", "torch")) == {}
