@@ -9,8 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pmgd_node.config import JobConfig
+from services import runtime
 from services.chip.job import HW_TIMESCALES, finite_median, summarize
-from services.engine.engine import Engine
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -106,18 +106,11 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
 
     show = _at_most_every(0.1, show)
     try:
-        if engine == "cluster":
-            summary = _run_on_cluster(config, cluster, lambda d: show(d["tick"], d["cost"], d["accuracy"],
-                                                                      d["solved"], config.seeds))
-            summary["training_time_s"] = summary.get("run_wall_time_s")
-        else:
-            local = Engine(config, device=device)  # loads and checks the data before any bar is drawn
-            bar.start()
-            result = local.run(on_eval=lambda point, solved: show(point.tick, point.cost, point.accuracy,
-                                                                  int(solved.sum()), len(solved)))
-            summary = summarize(result)
-            summary["training_time_s"] = result.wall_time
-            summary["device"] = str(getattr(local.model, "device", "cpu"))
+        result = runtime.run(config, engine, control=cluster, device=device,
+                             on_eval=lambda point, solved: show(point.tick, point.cost, point.accuracy, solved,
+                                                                config.seeds))
+        summary = summarize(result)
+        summary.update(result.details, training_time_s=result.wall_time)
         bar.start()
         bar.update(task, total=summary["ticks_run"], completed=summary["ticks_run"],
                    status=_status(summary["final_cost"], summary["final_accuracy"], summary["converged"],
@@ -129,13 +122,3 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
     summary["config"] = config.to_dict()
     console.print(summary_table(summary))
     return summary
-
-
-def _run_on_cluster(config: JobConfig, control: str, on_progress) -> dict:
-    from services.cluster.client import run_job
-    from services.cluster.launcher import LocalCluster
-
-    if control:
-        return run_job(config, control, on_progress)
-    with LocalCluster(config.nodes) as cluster:
-        return run_job(config, cluster.endpoints["control"], on_progress)

@@ -70,6 +70,7 @@ class JobResult:
     wall_time: float
     history: list[EvalPoint] = field(default_factory=list)
     diverged_at: np.ndarray | None = None  # (S,) tick at which each run diverged, −1 where it did not
+    details: dict = field(default_factory=dict)  # what only the runtime knows (services/runtime.py)
 
 
 def diverged(point: EvalPoint, theta0: np.ndarray) -> np.ndarray:
@@ -227,6 +228,7 @@ def summarize(result: JobResult) -> dict:
     }
     if len(solved) > 1:
         out["ticks_to_solution"] = result.ticks_to_solution.tolist()  # per run, −1 where unsolved
+        out["c0_to_solution"] = result.c0_to_solution.tolist()
     t_div = result.diverged_at if result.diverged_at is not None else np.full(len(solved), -1)
     out["diverged"] = int((t_div >= 0).sum())
     out["diverged_at"] = t_div.tolist()  # per run: the tick it diverged at, −1 where it did not

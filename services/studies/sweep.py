@@ -157,11 +157,20 @@ class Context:
         self._cluster = None
 
     def train(self, config: JobConfig) -> Trained:
-        if self.engine == "cluster":
-            return self._train_cluster(config)
-        from services.engine.engine import Engine
+        from services import runtime
 
-        result = Engine(config, device=self.device).run()
+        control = ""
+        if self.engine == "cluster":
+            from services.cluster.launcher import LocalCluster
+
+            if self._cluster is None:  # one cluster for the whole study
+                self._cluster = LocalCluster(self.cluster_nodes).start()
+            control = self._cluster.endpoints["control"]
+            config = config.replace(nodes=min(self.cluster_nodes,
+                                              config.nodes if config.nodes > 1 else self.cluster_nodes))
+            if config.timing == "async" and not config.tick_period:
+                config = config.replace(tick_period=self.ASYNC_TICK_S)
+        result = runtime.run(config, self.engine, control=control, device=self.device)
         rows = [{"seed": config.seed + r, "solved": bool(result.solved[r]),
                  "ticks_to_solution": int(result.ticks_to_solution[r]),
                  "c0_to_solution": int(result.c0_to_solution[r]), "ticks_run": result.ticks,
@@ -169,25 +178,6 @@ class Context:
                  "diverged_at": int(result.diverged_at[r])}
                 for r in range(config.seeds)]
         return Trained(rows, [(p.tick, p.cost, p.accuracy) for p in result.history])
-
-    def _train_cluster(self, config: JobConfig) -> Trained:
-        from services.cluster.client import run_job
-        from services.cluster.launcher import LocalCluster
-
-        if self._cluster is None:
-            self._cluster = LocalCluster(self.cluster_nodes).start()
-        config = config.replace(nodes=min(self.cluster_nodes, config.nodes if config.nodes > 1 else self.cluster_nodes))
-        if config.timing == "async" and not config.tick_period:
-            config = config.replace(tick_period=self.ASYNC_TICK_S)
-        history: list = []
-        s = run_job(config, self._cluster.endpoints["control"], timeout_s=24 * 3600.0,
-                    on_progress=lambda d: history.append((d["tick"], np.array(d["cost"]), np.array(d["accuracy"]))))
-        t_sol = s.get("ticks_to_solution", [s["ticks_to_solution_median"] or -1])
-        rows = [{"seed": config.seed + r, "solved": t_sol[r] >= 0, "ticks_to_solution": int(t_sol[r]),
-                 "c0_to_solution": -1, "ticks_run": s["ticks_run"], "final_cost": s["final_cost"][r],
-                 "final_accuracy": s["final_accuracy"][r], "diverged_at": s["diverged_at"][r]}
-                for r in range(config.seeds)]
-        return Trained(rows, history)
 
     def close(self) -> None:
         if self._cluster is not None:
