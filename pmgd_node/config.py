@@ -33,6 +33,119 @@ _TASK_RE = re.compile(r"^(parity([2-9]|1[0-2])|fmnist|cifar10)$")
 _MLP_RE = re.compile(r"^\d+(-\d+)+$")
 TASK_HELP = "parity2..parity12, fmnist, cifar10"
 
+# One line per field: `pmgd train --help` and the API's JSON schema both show it.
+FIELD_HELP = {
+    "task": "parity2..parity12, fmnist or cifar10",
+    "network": "MLP spec like 2-2-1 for parity",
+    "perturbation": "perturbation type",
+    "mode": "discrete (sample and hold) or analog (continuous time)",
+    "integrator": "gradient integrator; auto: sum (discrete) or lowpass (analog)",
+    "amplitude": "perturbation amplitude A",
+    "eta": "learning rate η",
+    "tau_theta": "τ_θ in ticks: update period (discrete) or lowpass time constant (analog)",
+    "tau_x": "τ_x in ticks: input-change period",
+    "tau_hp": "τ_hp in ticks: high-pass time constant of the analog C̃ extraction",
+    "momentum_decay": "β of the momentum integrator, G ← βG + ε (1: the paper's un-reset sum)",
+    "fm_band": "FM tone band in cycles per tick",
+    "batch": "samples the hardware sees at once in one tick",
+    "init_scale": "θ⁰ drawn uniformly in ±X",
+    "seed": "random seed of run 0 (run r uses seed + r)",
+    "seeds": "number of random initialisations run side by side",
+    "max_ticks": "perturbed-tick budget",
+    "target_accuracy": "stop at this accuracy ('none' to disable)",
+    "target_cost": "stop at this cost ('none' to disable)",
+    "eval_every": "ticks between checks of the stopping rule",
+    "eval_samples": "held-out samples per check (0: the whole split)",
+    "nodes": "parameter nodes to shard the parameters over; unset, a job sent to a running cluster takes "
+             "every node connected to it",
+    "data_dir": "directory holding the Fashion-MNIST / CIFAR-10 files",
+    "timing": "sync (lock-step) or async (each node on its own clock)",
+    "correlation": "tagged (C̃ carries its tick) or untagged (nodes use their current θ̃)",
+    "delay": "C̃ broadcast delay to the nodes, ticks",
+    "jitter": "extra random C̃ delay, ticks",
+    "jitter_dist": "distribution of the jitter",
+    "drop": "probability a C̃ message to a node is lost",
+    "up_delay": "node → broadcaster weights delay, ticks (async)",
+    "up_jitter": "extra random weights delay, ticks (async)",
+    "up_drop": "probability a weights message is lost (async)",
+    "drift": "async: node clock rates uniform in 1 ± X",
+    "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
+    "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
+    "compensation": "untagged: correlate C̃ with θ̃[now − N] (a known delay; FM phase compensation)",
+    "cost_noise": "σ of Gaussian read-out noise on every measured cost",
+    "update_noise": "σ of Gaussian noise added to every weight update",
+    "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
+    "fm_gain_correction": "analog FM: each node divides its ε by its tone's high-pass gain",
+    "c_tilde_limit": "clip every C̃ to ±X before it is broadcast ('none': never)",
+    "label_smoothing": "CNNs: cross-entropy against (1 − X)·one-hot + X/classes (the authors use 0.01)",
+    "weight_decay": "λ of each node's local decay: θ⁰ ← (1 − ηλ)θ⁰ − ηG at every update",
+    "node_links": "per-node link overrides: {\"<node index>\": {delay, jitter, drop, up_delay, up_jitter, up_drop, "
+                  "drift}} (config files only)",
+}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one numeric field: the one table that validation, the CLI and the
+    API's JSON schema all read."""
+
+    kind: type  # int or float
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False  # floats: lo itself excluded
+
+    def check(self, name: str, value: Any) -> None:
+        if self.kind is int:
+            _int_range(name, value, int(self.lo), None if self.hi is None else int(self.hi))
+        else:
+            _float_range(name, value, self.lo, self.hi, self.lo_open)
+
+    def schema(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "integer" if self.kind is int else "number"}
+        out["exclusiveMinimum" if self.lo_open else "minimum"] = self.kind(self.lo)
+        if self.hi is not None:
+            out["maximum"] = self.kind(self.hi)
+        return out
+
+
+# Numeric fields → their bounds (None-able fields are checked only when set).
+BOUNDS: dict[str, Bound] = {
+    "amplitude": Bound(float, 0.0, 10.0, lo_open=True),
+    "eta": Bound(float, 0.0, 1e6),
+    "tau_theta": Bound(int, 1),
+    "tau_x": Bound(int, 1),
+    "tau_hp": Bound(float, 0.0, lo_open=True),
+    "momentum_decay": Bound(float, 0.0, 1.0),
+    "batch": Bound(int, 1, 1_000_000),
+    "init_scale": Bound(float, 0.0, 100.0, lo_open=True),
+    "seed": Bound(int, 0, 2**31 - 1),
+    "seeds": Bound(int, 1, 100_000),
+    "max_ticks": Bound(int, 1, 10**12),  # a trillion ticks: years at any τ_p a CPU reaches
+    "target_accuracy": Bound(float, 0.0, 1.0, lo_open=True),
+    "target_cost": Bound(float, 0.0),
+    "eval_every": Bound(int, 1),
+    "eval_samples": Bound(int, 0),
+    "nodes": Bound(int, 1, 4096),
+    "delay": Bound(int, 0, 1_000_000),
+    "jitter": Bound(int, 0, 1_000_000),
+    "drop": Bound(float, 0.0, 0.99),
+    "up_delay": Bound(int, 0, 1_000_000),
+    "up_jitter": Bound(int, 0, 1_000_000),
+    "up_drop": Bound(float, 0.0, 0.99),
+    "drift": Bound(float, 0.0, 0.5),
+    "tick_period": Bound(float, 0.0, 60.0),
+    "checkpoint_every": Bound(int, 1),
+    "compensation": Bound(int, 0, 1_000_000),
+    "cost_noise": Bound(float, 0.0, 1e3),
+    "update_noise": Bound(float, 0.0, 1e3),
+    "device_variation": Bound(float, 0.0, 1.0),
+    "c_tilde_limit": Bound(float, 0.0, 1e6, lo_open=True),
+    "label_smoothing": Bound(float, 0.0, 0.5),
+    "weight_decay": Bound(float, 0.0, 1e6),
+}
+CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
+           "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
+
 
 class ConfigError(ValueError):
     """A job-config field holds a value outside its allowed range.
@@ -244,46 +357,26 @@ def _validate(c: JobConfig) -> None:
                                          f"got {c.network!r}")
     elif c.network != f"cnn-{c.task}":
         raise ConfigError("network", f"must be 'cnn-{c.task}' for task {c.task}; got {c.network!r}")
-    _choice("perturbation", c.perturbation, PERTURBATIONS)
-    _choice("mode", c.mode, MODES)
-    _choice("integrator", c.integrator, INTEGRATORS)
+    for name, choices in CHOICES.items():
+        _choice(name, getattr(c, name), choices)
+    for name, bound in BOUNDS.items():
+        value = getattr(c, name)
+        if value is not None or name not in _OPTIONAL:
+            bound.check(name, value)
     if c.mode == "discrete" and c.resolved_integrator == "lowpass":
         raise ConfigError("integrator", "lowpass is the analog integrator; use sum or momentum in discrete mode")
     if c.mode == "analog" and c.resolved_integrator != "lowpass":
         raise ConfigError("integrator", "analog mode integrates with the leaky lowpass; use auto or lowpass")
     if c.mode == "discrete" and c.perturbation == "fm":
         raise ConfigError("perturbation", "fm is the analog perturbation; use mode 'analog' (or tm, cm, rcm)")
-    _float_range("amplitude", c.amplitude, 0.0, 10.0)
-    _float_range("eta", c.eta, 0.0, 1e6, lo_open=False)
-    _int_range("tau_theta", c.tau_theta, 1)
-    _int_range("tau_x", c.tau_x, 1)
-    _float_range("tau_hp", c.tau_hp, 0.0)
-    _float_range("momentum_decay", c.momentum_decay, 0.0, 1.0, lo_open=False)
     band = c.fm_band
     if len(band) != 2 or any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in band):
         raise ConfigError("fm_band", f"must be two numbers [f_min, f_max] in cycles per tick; got {band!r}")
     if not (0.0 <= band[0] < band[1] <= 0.5):
         raise ConfigError("fm_band", "must satisfy 0 ≤ f_min < f_max ≤ 0.5 cycles per tick (Nyquist); "
                                      f"got {list(band)}")
-    _int_range("batch", c.batch, 1, 1_000_000)
-    if c.init_scale is not None:
-        _float_range("init_scale", c.init_scale, 0.0, 100.0)
-    _int_range("seed", c.seed, 0, 2**31 - 1)
-    _int_range("seeds", c.seeds, 1, 100_000)
-    _int_range("max_ticks", c.max_ticks, 1)
-    if c.target_accuracy is not None:
-        _float_range("target_accuracy", c.target_accuracy, 0.0, 1.0)
-    if c.target_cost is not None:
-        _float_range("target_cost", c.target_cost, 0.0, lo_open=False)
-    _int_range("eval_every", c.eval_every, 1)
-    _int_range("eval_samples", c.eval_samples, 0)
-    _int_range("nodes", c.nodes, 1, 4096)
     if not isinstance(c.data_dir, str):
         raise ConfigError("data_dir", f"must be a path string; got {c.data_dir!r}")
-    _choice("timing", c.timing, TIMINGS)
-    _choice("correlation", c.correlation, CORRELATIONS)
-    _choice("jitter_dist", c.jitter_dist, JITTER_DISTS)
-    _validate_link("", {name: getattr(c, name) for name in LINK_FIELDS})
     if not isinstance(c.node_links, dict):
         raise ConfigError("node_links", f"must be a mapping of node index to link fields; got {c.node_links!r}")
     for key, override in c.node_links.items():
@@ -292,21 +385,12 @@ def _validate(c: JobConfig) -> None:
         if not isinstance(override, dict) or set(override) - set(LINK_FIELDS):
             raise ConfigError(f"node_links.{key}",
                               f"must map some of {', '.join(LINK_FIELDS)} to values; got {override!r}")
-        _validate_link(f"node_links.{key}.", override)
+        for name, value in override.items():
+            BOUNDS[name].check(f"node_links.{key}.{name}", value)
     if c.timing == "async" and c.mode == "analog":
         raise ConfigError("timing", "async clocks are modelled for discrete mode; use timing 'sync' with mode 'analog'")
-    _float_range("tick_period", c.tick_period, 0.0, 60.0, lo_open=False)
-    _int_range("checkpoint_every", c.checkpoint_every, 1)
-    _int_range("compensation", c.compensation, 0, 1_000_000)
-    _float_range("cost_noise", c.cost_noise, 0.0, 1e3, lo_open=False)
-    _float_range("update_noise", c.update_noise, 0.0, 1e3, lo_open=False)
-    _float_range("device_variation", c.device_variation, 0.0, 1.0, lo_open=False)
-    if c.c_tilde_limit is not None:
-        _float_range("c_tilde_limit", c.c_tilde_limit, 0.0, 1e6)
-    _float_range("label_smoothing", c.label_smoothing, 0.0, 0.5, lo_open=False)
     if c.label_smoothing and c.task.startswith("parity"):
         raise ConfigError("label_smoothing", f"smooths the CNNs' cross-entropy; {c.task} trains on the MSE, use 0")
-    _float_range("weight_decay", c.weight_decay, 0.0, 1e6, lo_open=False)
     if c.eta * c.weight_decay >= 1:
         raise ConfigError("weight_decay", f"η·λ must be < 1 (each update scales θ⁰ by 1 − ηλ); "
                                           f"got η = {c.eta}, λ = {c.weight_decay}")
@@ -317,11 +401,38 @@ def _validate(c: JobConfig) -> None:
                           f"corrects the analog FM high-pass gain; use it with perturbation fm, not {c.perturbation}")
 
 
-def _validate_link(prefix: str, values: dict[str, Any]) -> None:
-    for name, value in values.items():
-        if name in ("drop", "up_drop"):
-            _float_range(prefix + name, value, 0.0, 0.99, lo_open=False)
-        elif name == "drift":
-            _float_range(prefix + name, value, 0.0, 0.5, lo_open=False)
+# Fields that may be None (unset): their bounds apply only to a value.
+_OPTIONAL = ("init_scale", "target_accuracy", "target_cost", "c_tilde_limit")
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a job config: every field with its type, range or choices, default
+    and meaning (the API's ``/openapi.json``). Validation itself is :class:`JobConfig`'s."""
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(JobConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name in BOUNDS:
+            prop = BOUNDS[f.name].schema()
+            if f.name in _OPTIONAL:
+                prop = {"anyOf": [prop, {"type": "null"}]}
+        elif f.name in CHOICES:
+            prop = {"type": "string", "enum": list(CHOICES[f.name])}
+        elif f.name == "task":
+            prop = {"type": "string", "pattern": _TASK_RE.pattern}
+        elif f.name == "fm_band":
+            prop = {"type": "array", "items": {"type": "number", "minimum": 0.0, "maximum": 0.5},
+                    "minItems": 2, "maxItems": 2}
+        elif f.name == "node_links":
+            prop = {"type": "object", "additionalProperties": {
+                "type": "object", "properties": {k: BOUNDS[k].schema() for k in LINK_FIELDS},
+                "additionalProperties": False}}
+        elif isinstance(default, bool):
+            prop = {"type": "boolean"}
         else:
-            _int_range(prefix + name, value, 0, 1_000_000)
+            prop = {"type": "string"}
+        prop["description"] = FIELD_HELP.get(f.name, "")
+        prop["default"] = list(default) if isinstance(default, tuple) else default
+        props[f.name] = prop
+    return {"title": "JobConfig", "type": "object", "properties": props, "additionalProperties": False,
+            "description": "One PMGD training job; unset fields take their defaults. Cross-field rules "
+                           "(mode and integrator, η·λ < 1, …) answer 422 naming the field."}

@@ -15,65 +15,7 @@ import sys
 import time
 import typing
 
-from pmgd_node.config import (
-    CORRELATIONS,
-    INTEGRATORS,
-    JITTER_DISTS,
-    MODES,
-    PERTURBATIONS,
-    TIMINGS,
-    ConfigError,
-    JobConfig,
-    read_mapping,
-)
-
-# One line per job-config field; the flag's default is appended from JobConfig itself.
-_HELP = {
-    "task": "parity2..parity12, fmnist or cifar10",
-    "network": "MLP spec like 2-2-1 for parity",
-    "perturbation": "perturbation type",
-    "mode": "discrete (sample and hold) or analog (continuous time)",
-    "integrator": "gradient integrator; auto: sum (discrete) or lowpass (analog)",
-    "amplitude": "perturbation amplitude A",
-    "eta": "learning rate η",
-    "tau_theta": "τ_θ in ticks: update period (discrete) or lowpass time constant (analog)",
-    "tau_x": "τ_x in ticks: input-change period",
-    "tau_hp": "τ_hp in ticks: high-pass time constant of the analog C̃ extraction",
-    "momentum_decay": "β of the momentum integrator, G ← βG + ε (1: the paper's un-reset sum)",
-    "fm_band": "FM tone band in cycles per tick",
-    "batch": "samples the hardware sees at once in one tick",
-    "init_scale": "θ⁰ drawn uniformly in ±X",
-    "seed": "random seed of run 0 (run r uses seed + r)",
-    "seeds": "number of random initialisations run side by side",
-    "max_ticks": "perturbed-tick budget",
-    "target_accuracy": "stop at this accuracy ('none' to disable)",
-    "target_cost": "stop at this cost ('none' to disable)",
-    "eval_every": "ticks between checks of the stopping rule",
-    "eval_samples": "held-out samples per check (0: the whole split)",
-    "nodes": "parameter nodes to shard the parameters over; unset, a job sent to a running cluster takes "
-             "every node connected to it",
-    "data_dir": "directory holding the Fashion-MNIST / CIFAR-10 files",
-    "timing": "sync (lock-step) or async (each node on its own clock)",
-    "correlation": "tagged (C̃ carries its tick) or untagged (nodes use their current θ̃)",
-    "delay": "C̃ broadcast delay to the nodes, ticks",
-    "jitter": "extra random C̃ delay, ticks",
-    "jitter_dist": "distribution of the jitter",
-    "drop": "probability a C̃ message to a node is lost",
-    "up_delay": "node → broadcaster weights delay, ticks (async)",
-    "up_jitter": "extra random weights delay, ticks (async)",
-    "up_drop": "probability a weights message is lost (async)",
-    "drift": "async: node clock rates uniform in 1 ± X",
-    "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
-    "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
-    "compensation": "untagged: correlate C̃ with θ̃[now − N] (a known delay; FM phase compensation)",
-    "cost_noise": "σ of Gaussian read-out noise on every measured cost",
-    "update_noise": "σ of Gaussian noise added to every weight update",
-    "device_variation": "σ of the fixed per-parameter perturbation and update gains (1 ± σ)",
-    "fm_gain_correction": "analog FM: each node divides its ε by its tone's high-pass gain",
-    "c_tilde_limit": "clip every C̃ to ±X before it is broadcast ('none': never)",
-    "label_smoothing": "CNNs: cross-entropy against (1 − X)·one-hot + X/classes (the authors use 0.01)",
-    "weight_decay": "λ of each node's local decay: θ⁰ ← (1 − ηλ)θ⁰ − ηG at every update",
-}
+from pmgd_node.config import CHOICES, FIELD_HELP, ConfigError, JobConfig, read_mapping
 
 # What an empty default means, where printing the value itself would say nothing.
 _DEFAULT_MEANS = {
@@ -82,8 +24,6 @@ _DEFAULT_MEANS = {
     "data_dir": "the current directory",
 }
 
-_CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
-            "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
 _METAVARS = {"task": "NAME", "network": "SPEC", "data_dir": "DIR"}
 
 _FILE_ONLY = ("node_links",)  # nested settings: config files only
@@ -130,7 +70,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = _HELP.get(f.name, "see pmgd_node/config.py") + f" (default: {shown_default(f.name, default)})"
+        text = FIELD_HELP.get(f.name, "see pmgd_node/config.py") + f" (default: {shown_default(f.name, default)})"
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": text.replace("%", "%%")}
         if f.name == "fm_band":
             kwargs.update(nargs=2, type=float, metavar=("F_MIN", "F_MAX"))
@@ -142,8 +82,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(type=int, metavar="N")
         elif hint is float:
             kwargs.update(type=float, metavar="X")
-        elif f.name in _CHOICES:
-            kwargs.update(metavar="{" + ",".join(_CHOICES[f.name]) + "}")
+        elif f.name in CHOICES:
+            kwargs.update(metavar="{" + ",".join(CHOICES[f.name]) + "}")
         else:
             kwargs.update(metavar=_METAVARS.get(f.name, "TEXT"))
         parser.add_argument(flag, **kwargs)

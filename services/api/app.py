@@ -27,16 +27,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from pmgd_node.config import JobConfig
+from pmgd_node.config import json_schema as job_config_schema
 from pmgd_node.shell.settings import parse
 from services.cluster.client import fit_to_cluster
 
@@ -62,7 +63,10 @@ class ApiSettings:
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config: dict[str, Any] = Field(description="job-config fields (see `pmgd train --help`); unset fields default")
+    # Documented by the job config's own schema (every field, its type, range and meaning);
+    # validated by JobConfig itself, the one code path every command shares (422 naming the field).
+    config: Annotated[dict[str, Any], WithJsonSchema(job_config_schema())] = Field(
+        description="job-config fields (see `pmgd train --help`); unset fields default")
     engine: Literal["local", "cluster"] = "local"
     start: bool = False
     angle: bool = Field(False, description="record the gradient angle (local engine only)")

@@ -319,3 +319,24 @@ def test_a_diverging_local_job_ends_diverged_and_still_serves_its_metrics(api, t
     assert api.ok("GET", "/jobs?state=diverged")[0]["id"] == job
     lines = [line["text"] for line in api.ok("GET", f"/jobs/{job}/logs")["lines"]]
     assert lines[-1].startswith("diverged: 0/2 runs converged") and lines[-1].endswith("2/2 diverged")
+
+
+def test_openapi_describes_every_job_config_field_with_its_type_and_range(api):
+    import dataclasses
+
+    from pmgd_node.config import BOUNDS, JobConfig
+
+    spec = api.ok("GET", "/openapi.json")
+    config = spec["components"]["schemas"]["JobCreate"]["properties"]["config"]
+    props = config["properties"]
+    assert set(props) == {f.name for f in dataclasses.fields(JobConfig)}
+    assert all(p["description"] for p in props.values()) and config["additionalProperties"] is False
+    assert props["eta"] | {} == {"type": "number", "minimum": 0.0, "maximum": 1e6, "default": 0.5,
+                                 "description": props["eta"]["description"]}
+    assert props["tau_theta"]["type"] == "integer" and props["tau_theta"]["minimum"] == 1
+    assert props["max_ticks"]["maximum"] == BOUNDS["max_ticks"].hi
+    assert props["perturbation"]["enum"] == ["tm", "cm", "rcm", "fm"]
+    assert props["c_tilde_limit"]["anyOf"][1] == {"type": "null"}
+    # The documented range is the enforced one: just past it, the API answers 422 naming the field.
+    status, body = api.call("POST", "/jobs", {"config": {"max_ticks": BOUNDS["max_ticks"].hi + 1}})
+    assert status == 422 and "max_ticks" in json.dumps(body)
