@@ -79,6 +79,8 @@ FIELD_HELP = {
     "c_tilde_limit": "clip every C̃ to ±X before it is broadcast ('none': never)",
     "label_smoothing": "CNNs: cross-entropy against (1 − X)·one-hot + X/classes (the authors use 0.01)",
     "weight_decay": "λ of each node's local decay: θ⁰ ← (1 − ηλ)θ⁰ − ηG at every update",
+    "eta_decay_ticks": "T of the η decay η_t = η/(1 + t/T)^p, ticks (0: constant η)",
+    "eta_decay_power": "p of the η decay (0.5: inverse square root)",
     "node_links": "per-node link overrides: {\"<node index>\": {delay, jitter, drop, up_delay, up_jitter, up_drop, "
                   "drift}} (config files only)",
 }
@@ -142,6 +144,8 @@ BOUNDS: dict[str, Bound] = {
     "c_tilde_limit": Bound(float, 0.0, 1e6, lo_open=True),
     "label_smoothing": Bound(float, 0.0, 0.5),
     "weight_decay": Bound(float, 0.0, 1e6),
+    "eta_decay_ticks": Bound(int, 0, 10**12),
+    "eta_decay_power": Bound(float, 0.0, 2.0, lo_open=True),
 }
 CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
            "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
@@ -229,6 +233,11 @@ class JobConfig:
     # λ of a local weight decay: every update is θ⁰ ← (1 − ηλ)·θ⁰ − η·G, a restoring force
     # against the random walk that θ⁰ makes along directions the cost does not see. 0: none.
     weight_decay: float = 0.0
+    # η decay: the update after tick t uses η_t = η / (1 + (t+1)/T)^p with T = eta_decay_ticks
+    # and p = eta_decay_power, so Σ η_t diverges (learning goes on) while the noise the
+    # estimate injects, ∝ Σ η_t², grows slower (p = 1/2: logarithmically). 0: constant η.
+    eta_decay_ticks: int = 0
+    eta_decay_power: float = 0.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):

@@ -11,7 +11,9 @@ run and tick, the cost variation C̃[t], and updates itself from that and local 
     θ⁰_i   ← (1 − ηλ)·θ⁰_i − η·G_i
                     every τ_θ ticks (discrete; after tick t with (t+1) mod τ_θ = 0)
                     every tick      (analog: dθ⁰/dt = −η(G + λθ⁰), one step per tick)
-             with λ the job's ``weight_decay`` (0 by default: θ⁰_i ← θ⁰_i − η·G_i)
+             with λ the job's ``weight_decay`` (0 by default: θ⁰_i ← θ⁰_i − η·G_i) and η,
+             when the job sets ``eta_decay_ticks`` T, η_t = η/(1 + (t+1)/T)^p at the update
+             closing tick t: a schedule every node computes from its own tick count
 
 No sockets, clocks or environment reads: the node process (and the in-process engine)
 feeds it ticks and C̃ values. Because θ̃[t] is a pure function of (seed, index, t), a C̃
@@ -60,6 +62,8 @@ class ParameterNode:
             self._inv_power = (1.0 / (self.perturbation.power * gain)).astype(theta0.dtype)
         self._eta = theta0.dtype.type(config.eta)
         self._decay = theta0.dtype.type(1.0 - config.eta * config.weight_decay) if config.weight_decay else None
+        self._eta_ticks, self._eta_power, self._weight_decay = config.eta_decay_ticks, config.eta_decay_power, \
+            config.weight_decay
         self._analog = config.mode == "analog"
         self._tagged = config.correlation == "tagged"
         self._blocks: dict[int, np.ndarray] = {}
@@ -125,12 +129,17 @@ class ParameterNode:
         """Close tick ``tick``: apply θ⁰ ← (1 − ηλ)θ⁰ − ηG if an update is due; True if θ⁰ changed."""
         if not (self._analog or (tick + 1) % self._tau_theta == 0):
             return False
+        eta, decay = self._eta, self._decay
+        if self._eta_ticks:
+            eta_t = self.config.eta / (1.0 + (tick + 1) / self._eta_ticks) ** self._eta_power
+            eta = self.theta0.dtype.type(eta_t)
+            decay = self.theta0.dtype.type(1.0 - eta_t * self._weight_decay) if self._weight_decay else None
         # ε's buffer is free between ticks: it takes η·G (the same product as a fresh array would).
-        step = np.multiply(self._eta, self.integrator.g, out=self._eps)
+        step = np.multiply(eta, self.integrator.g, out=self._eps)
         if self._update_gain is not None:
             step *= self._update_gain
-        if self._decay is not None:
-            self.theta0 *= self._decay
+        if decay is not None:
+            self.theta0 *= decay
         self.theta0 -= step
         if self._update_noise:
             self.theta0 += imperfections.update_noise(self._seeds, tick, self.start, self.stop, self._num_params,

@@ -111,3 +111,23 @@ def test_analog_weight_decay_acts_every_tick():
     for t in range(3):
         node.receive(np.zeros(1), t)  # no cost signal: only the decay moves θ⁰
     np.testing.assert_allclose(node.theta0, (1 - 0.2 * 0.5) ** 3)
+
+
+def test_eta_decay_uses_eta_over_one_plus_t_over_T_to_the_p_at_each_update():
+    """η_t = η/(1 + (t+1)/T)^p at the update closing tick t, with the weight decay scaled alike."""
+    theta0 = np.array([[0.5, -1.0]])
+    cfg = JobConfig(eta=0.4, eta_decay_ticks=10, eta_decay_power=0.5, weight_decay=0.2, perturbation="cm",
+                    amplitude=0.1)
+    node = ParameterNode(cfg, 2, 0, 2, theta0)
+    expected = theta0.copy()
+    for t in range(3):
+        c = np.array([0.01 * (t + 1)])
+        g = c[:, None] * node.perturbation_at(t) / 0.1**2
+        eta_t = 0.4 / (1 + (t + 1) / 10) ** 0.5
+        expected = (1 - eta_t * 0.2) * expected - eta_t * g
+        node.receive(c, t)
+        np.testing.assert_allclose(node.theta0, expected, rtol=0, atol=1e-14)
+    constant = ParameterNode(cfg.replace(eta_decay_ticks=0), 2, 0, 2, theta0)
+    for t in range(3):
+        constant.receive(np.array([0.01 * (t + 1)]), t)
+    assert not np.allclose(constant.theta0, node.theta0)  # the schedule changed the steps

@@ -82,7 +82,8 @@ def test_link_models_apply_identically_on_the_cluster(cluster):
 
 def test_imperfections_and_compensation_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, cost_noise=0.01, update_noise=0.002, device_variation=0.2,
-                       correlation="untagged", delay=1, compensation=1, seed=4, weight_decay=0.05)
+                       correlation="untagged", delay=1, compensation=1, seed=4, weight_decay=0.05,
+                       eta_decay_ticks=50)
     summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
     _assert_identical(summary, config)
 
