@@ -133,13 +133,23 @@ class CurveRun:
             self._resume(load_state(path))
 
     def _identity(self) -> str:
-        """What a checkpoint must share with this run to be continued by it (the budget may grow)."""
+        """What a checkpoint must share with this run to be continued by it: the config (the
+        budget excepted, which may grow) and the backprop baseline's settings."""
         config = {k: v for k, v in self.config.to_dict().items() if k != "max_ticks"}
         return json.dumps({"config": config, "backprop_steps": self.backprop_steps,
                            "backprop_lr": self.backprop_lr}, sort_keys=True)
 
+    @staticmethod
+    def _essence(identity: str) -> dict:
+        """An identity with the config fields at their defaults left out, so that a field
+        added to JobConfig later (at its default) leaves older checkpoints valid."""
+        d = json.loads(identity)
+        default = JobConfig(task=d["config"].get("task", "parity2")).to_dict()
+        d["config"] = {k: v for k, v in d["config"].items() if k in default and v != default[k]}
+        return d
+
     def _resume(self, s: dict[str, np.ndarray]) -> None:
-        if str(s["identity"]) != self._identity():
+        if self._essence(str(s["identity"])) != self._essence(self._identity()):
             raise ConfigError(os.path.join(self.out, STATE), "holds a curve of another config; use a new --out "
                               "or the same settings", kind="checkpoint")
         self.engine.restore({k[len("engine_"):]: v for k, v in s.items() if k.startswith("engine_")})
@@ -221,22 +231,29 @@ class CurveRun:
         }
 
     def figure(self) -> str:
-        from services.studies.plots import COLORS, figure, save
+        from matplotlib.ticker import NullFormatter
 
-        fig, axes = figure(ncols=2, width=5.5, title=f"{self.config.task}: PMGD ({self.config.perturbation.upper()}, "
-                                                      f"batch {self.config.batch}) beside backprop, same θ⁰")
+        from services.studies.plots import COLORS, LABELS, figure, save
+
+        cfg = self.config
+        title = f"{cfg.task}: PMGD ({LABELS[cfg.perturbation]}, batch {cfg.batch}) beside backprop, same initial θ⁰"
+        fig, axes = figure(ncols=2, width=5.5, title=title)
         for ax, key, label in ((axes[0, 0], "accuracy", "held-out accuracy"), (axes[0, 1], "cost", "held-out cost")):
-            for name, curve in (("PMGD", self.pmgd), ("backprop (SGD)", self.backprop)):
-                if curve.ticks:
-                    x = np.maximum(np.asarray(curve.ticks), 1)
-                    ax.plot(x, getattr(curve, key), label=name,
-                            color=COLORS["rcm"] if name == "PMGD" else COLORS["backprop"])
+            for name, curve, color in (("PMGD", self.pmgd, COLORS["rcm"]),
+                                       ("backprop (SGD)", self.backprop, COLORS["backprop"])):
+                # The log axis starts at the first check; the untrained network's value is drawn flat.
+                ticks, values = np.asarray(curve.ticks), np.asarray(getattr(curve, key))
+                if len(ticks) > 1:
+                    ax.plot(ticks[1:], values[1:], marker=".", ms=3, label=name, color=color)
+            if self.pmgd.ticks:
+                ax.axhline(getattr(self.pmgd, key)[0], color="0.6", ls="--", lw=0.8, label="at tick 0")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # 2×10³, 3×10³, … overlap
             ax.set_xlabel("perturbed ticks (SGD: steps)")
             ax.set_ylabel(label)
-        target = self.config.target_accuracy
-        if target is not None:
-            axes[0, 0].axhline(target, color="k", ls=":", lw=1, label=f"paper: {100 * target:.1f} % in 10⁶ ticks")
+        if cfg.target_accuracy is not None:
+            axes[0, 0].axhline(cfg.target_accuracy, color="k", ls=":", lw=1,
+                               label=f"paper: {100 * cfg.target_accuracy:.1f} %")
         if self.diverged_at >= 0:
             axes[0, 0].axvline(self.diverged_at, color="r", ls="--", lw=1, label="diverged")
         axes[0, 0].legend(fontsize=8)

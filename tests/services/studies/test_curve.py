@@ -99,3 +99,17 @@ def test_cli_writes_the_figure_and_the_summary(tmp_path, capsys):
     assert json.loads(lines[-1])["ticks_run"] == 200
     assert json.loads((out / "curve.json").read_text())["config"]["eta"] == 0.4
     assert (out / "curve.png").stat().st_size > 10_000
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    run = C.CurveRun(config(max_ticks=100), str(tmp_path), backprop_steps=0, backprop_lr=1.0)
+    run.run_pmgd(log=lambda line: None)
+    state = C.load_state(str(tmp_path / C.STATE))
+    identity = json.loads(str(state["identity"]))
+    del identity["config"]["weight_decay"]  # as written by a version without that field
+    state["identity"] = np.array(json.dumps(identity))
+    C.save_state(str(tmp_path / C.STATE), state)
+    again = C.CurveRun(config(max_ticks=200), str(tmp_path), backprop_steps=0, backprop_lr=1.0)
+    assert again.engine.tick == 100
+    with pytest.raises(ConfigError, match="another config"):  # a field set away from its default still counts
+        C.CurveRun(config(max_ticks=200, weight_decay=0.1), str(tmp_path), backprop_steps=0, backprop_lr=1.0)
