@@ -95,7 +95,7 @@ class CNNSettings(Study):
         return out
 
     def figures(self, rows, p, out):
-        fig, axes = plots.figure(ncols=3, width=4.6, height=3.6,
+        fig, axes = plots.figure(ncols=3, width=4.6, height=4.6,
                                  title=f"Fashion-MNIST CNN, R-CM, batch {p['batch']}: held-out accuracy "
                                        f"({p['eval_samples'] or 'all'} test images)")
         cmap = plots.plt.get_cmap("viridis")
@@ -114,12 +114,15 @@ class CNNSettings(Study):
                     label = f"{SYMBOLS[group]} = {row['value']}"
                 if row["diverged_at"] >= 0:
                     label += f" (diverged at {row['diverged_at']:,})"
+                elif row["best_accuracy"] is not None and acc[-1] < row["best_accuracy"] - 0.2:
+                    label += f" (fell to {100 * acc[-1]:.0f} % after {row['best_at']:,}; finite)"
                 ax.plot(ticks, 100 * acc, marker="o", ms=3, color=cmap(i / max(len(sel) - 1, 1)), label=label)
             ax.set_title(GROUPS[group], fontsize=10)
+            ax.xaxis.set_major_formatter(plots.plt.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
             ax.set_xlabel("perturbed ticks")
             ax.set_ylabel("held-out accuracy (%)")
             ax.set_ylim(0, 100)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17))  # below: the curves fill the axes
         return [plots.save(fig, out, "cnn_settings.png")]
 
 
