@@ -1,13 +1,15 @@
-"""One job on the broadcaster: the lock-step tick cycle, checkpoints and rollback (no I/O).
+"""One job on the broadcaster: its chip job (services/chip/job.py) fed by the nodes' shards,
+with the cluster's epochs, checkpoints and rollback (no I/O).
 
 The broadcaster service feeds this class decoded messages and sends what it returns. Per
 tick t (sync mode):
 
     every shard's Weights(t) is in      →  θ⁰ view updated from the shards that changed
-    t > 0 and (t mod eval_every = 0 or t = max_ticks)  →  evaluate θ⁰, check the stopping rule
-    C₀ if the output stage needs it; C̃[t] = extract(C(θ⁰ + θ̃[t]))  →  CostVariation(t)
+    chip.evaluation_due(t)              →  chip.measure(t, θ⁰), chip.record (stopping, divergence)
+    chip.begin_tick(t); C̃[t] = chip.cost_variation(θ⁰, θ⁰ + θ̃[t])  →  CostVariation(t)
 
-which is the in-process engine's order exactly, so the trajectories agree bit for bit.
+the same calls on the same object the in-process engine makes, so the trajectories agree
+bit for bit.
 
 Fault tolerance: every ``checkpoint_every`` ticks each node sends its whole state at the
 tick boundary; once all shards of one boundary are in, that boundary is the job's
