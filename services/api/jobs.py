@@ -247,15 +247,9 @@ class ClusterRun(Run):
         self.control = control
 
     def _send(self, command: str) -> None:
-        import zmq
+        from services.cluster.client import send_control
 
-        from pmgd_node import protocol as p
-
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(self.control)
-        sock.send_multipart(p.encode(p.Control(self.id, command, reason="requested over the API")))
-        sock.close(linger=1000)
+        send_control(self.control, self.id, command, reason="requested over the API")
 
     def pause(self) -> None:
         self._send("pause")

@@ -1,5 +1,6 @@
-"""A client of the broadcaster's control socket: submit a job, follow its progress, read the
-broadcaster's state, and fit a job's node count to the nodes the cluster has."""
+"""A client of the broadcaster's control socket: submit a job, follow its progress, send it
+control commands, read the broadcaster's state, and fit a job's node count to the nodes the
+cluster has."""
 
 from __future__ import annotations
 
@@ -65,6 +66,21 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
         raise TimeoutError(f"job {job_id} did not finish within {timeout_s:g} s")
     finally:
         sock.close(linger=0)
+
+
+def send_control(control: str, job_id: str, command: str, reason: str = "") -> None:
+    """Send the broadcaster at ``control`` a ``Control`` command (pause, resume, stop) for ``job_id``.
+
+    Fire and forget: the broadcaster does not answer a command; its effect shows in the job's
+    progress and in :func:`status`. The socket lingers up to a second so the frame leaves.
+    """
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(control)
+    try:
+        sock.send_multipart(p.encode(p.Control(job_id, command, reason=reason)))
+    finally:
+        sock.close(linger=1000)
 
 
 def status(control: str, timeout_s: float = 5.0) -> dict:
