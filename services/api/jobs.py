@@ -1,7 +1,11 @@
-"""Jobs the API runs: a thread per active job that drives an engine and records what it sees.
+"""Jobs the API runs: the controller of their states and a thread per active job that drives an
+engine and records what it sees. No HTTP here: what the controller refuses it raises as a
+:class:`~.errors.JobError` (``errors.py``), which the routes map to a status.
 
-A :class:`LocalRun` drives the in-process engine; a :class:`ClusterRun` submits the job to a
-broadcaster over its control socket and follows its progress. Both write the same series to
+:class:`Jobs` holds the store and the active runs and is the one way to change a job's
+state (the transitions in ``Jobs.ACTIONS``). A :class:`LocalRun` drives the in-process
+engine; a :class:`ClusterRun` submits the job to a broadcaster through the cluster client
+(``services/cluster/client.py``) and follows its progress. Both write the same series to
 the store (``store.py``) at every evaluation, at most every ``FLUSH_S`` seconds in one
 transaction:
 
@@ -20,23 +24,33 @@ and, for local jobs, a checkpoint (θ⁰ plus the state resuming needs) at most 
 ``CHECKPOINT_S`` seconds and at the end. Cluster checkpoints are the broadcaster's.
 
 Control is cooperative: pause, resume, stop and interrupt (the API shutting down) are
-flags the run checks at every evaluation (local) or commands sent to the broadcaster.
+flags the run checks at every evaluation (local) or commands sent to the broadcaster
+(``send_control``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pmgd_node.config import JobConfig
 from services.chip.job import finite_median
+from services.cluster.client import fit_to_cluster
 from services.evaluator.gradient_angle import angle_degrees
 
-from .store import Store
+from .errors import EvaluatorFailed, InvalidJob, JobConflict, JobError, JobNotFound
+from .scoring import remote_score, score_in_process
+from .settings import ApiSettings
+from .store import STATES, Store, UnknownJob
+
+if TYPE_CHECKING:
+    from .telemetry import Metrics
 
 FLUSH_S = 0.25
 CHECKPOINT_S = 2.0
@@ -122,15 +136,9 @@ class Run(threading.Thread):
         self._scoring.start()
 
     def _score(self, tick: int, npz: bytes) -> None:
-        import httpx
-
-        params = {"task": self.config.task, "network": self.config.network, "split": "test",
-                  "data_dir": self.config.data_dir}
         try:
-            r = httpx.post(self.evaluator.rstrip("/") + "/evaluate/checkpoint", params=params, content=npz, timeout=600)
-            r.raise_for_status()
-            report = r.json()
-        except (httpx.HTTPError, ValueError) as err:
+            report = remote_score(self.evaluator, self.config, npz, split="test")
+        except (EvaluatorFailed, ValueError) as err:  # unreachable, refused, or not JSON
             self.store.log(self.id, f"held-out scoring at tick {tick} failed: {err}")
             return
         values = {"heldout_accuracy": report["accuracy"]}
@@ -296,3 +304,170 @@ class ClusterRun(Run):
             self.held_out(ck["tick"], self.store.save_checkpoint(self.id, ck["tick"], np.asarray(ck["theta0"])))
         self.rec.add(tick, values)
         self.rec.log_every(lambda: progress_line(tick, d["cost"], d["accuracy"], d["solved"], len(d["cost"])))
+
+
+class Jobs:
+    """The store plus the threads of active jobs; every state change goes through here."""
+
+    ACTIONS = {"start": ("created",), "pause": ("running",), "resume": ("paused", "interrupted"),
+               "stop": ("running", "paused", "created", "interrupted")}
+
+    def __init__(self, settings: ApiSettings, metrics: Metrics):
+        self.s = settings
+        self.store = Store(settings.db)
+        self.metrics = metrics
+        self.runs: dict[str, Run] = {}
+        self.lock = threading.Lock()
+        self.store.recover()
+
+    @contextlib.contextmanager
+    def _known(self, job_id: str) -> Iterator[None]:
+        try:
+            yield
+        except UnknownJob:
+            raise JobNotFound(f"no job {job_id!r}") from None
+
+    # --- reads ---------------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict:
+        with self._known(job_id):
+            return self.store.get(job_id)
+
+    def list_jobs(self, state: str | None = None) -> list[dict]:
+        """Every job, oldest first; only those in ``state`` if given (one of ``STATES``)."""
+        if state is not None and state not in STATES:
+            raise InvalidJob(f"state: must be one of {', '.join(STATES)}; got {state!r}")
+        return [j for j in self.store.list() if state is None or j["state"] == state]
+
+    def series(self, job_id: str, since: int = -1, names: set[str] | None = None) -> dict[str, list]:
+        """The job's metric series after tick ``since``: all, or those in ``names``."""
+        self.get(job_id)
+        with self._known(job_id):
+            series = self.store.metrics(job_id, since)
+        return {k: v for k, v in series.items() if not names or k in names}
+
+    def logs(self, job_id: str, since: int = 0) -> list[dict]:
+        self.get(job_id)
+        with self._known(job_id):
+            return self.store.logs(job_id, since)
+
+    def checkpoint(self, job_id: str) -> tuple[int, bytes]:
+        """(tick, .npz bytes) of the job's newest checkpoint."""
+        self.get(job_id)
+        with self._known(job_id):
+            ck = self.store.checkpoint(job_id)
+        if ck is None:
+            raise JobNotFound(f"job {job_id!r} has no checkpoint yet")
+        return ck
+
+    def evaluate(self, job_id: str, split: str = "test", run: int = 0, limit: int = 0) -> dict:
+        """Run ``run`` of the newest checkpoint scored on ``split``: by the evaluator service when
+        the API has one (its report as is), else in process (plus ``job``, ``tick``, ``split``)."""
+        job = self.get(job_id)
+        tick, npz = self.checkpoint(job_id)
+        config = JobConfig.from_dict(job["config"])
+        if self.s.evaluator:
+            return remote_score(self.s.evaluator, config, npz, split, run, limit)
+        return dict(score_in_process(config, npz, split, run, limit), job=job_id, tick=tick, split=split)
+
+    def ping(self) -> None:
+        """Raises if the database does not answer."""
+        self.store.ping()
+
+    # --- changes -------------------------------------------------------------------------------
+    def _config(self, fields: dict, engine: str) -> JobConfig:
+        data = dict(fields)
+        if self.s.data_dir and not data.get("data_dir"):
+            data["data_dir"] = self.s.data_dir
+        try:
+            config = JobConfig.from_dict(data)
+            if engine == "cluster" and self.s.broadcaster:
+                # Unset nodes: every node the cluster has (the stored config says how many).
+                config = JobConfig.from_dict(fit_to_cluster(data, self.s.broadcaster))
+            return config
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            # ConfigError names the field; the others come from values of the wrong type.
+            raise InvalidJob(f"config: {err}") from None
+        except RuntimeError as err:  # the broadcaster does not answer
+            raise JobConflict(f"engine: {err}") from None
+
+    def create(self, fields: dict, engine: str = "local", angle: bool = False, start: bool = False) -> dict:
+        """A new job from job-config ``fields`` (validated by ``JobConfig``), started if ``start``;
+        a job that cannot start is not left behind."""
+        config = self._config(fields, engine)
+        if angle and engine == "cluster":
+            raise InvalidJob("angle: only the local engine records the gradient angle "
+                             "(the gradient estimate G lives on the nodes)")
+        job_id = self.store.create(config.to_dict(), engine, {"angle": angle})
+        if start:
+            try:
+                return self.act(job_id, "start")
+            except JobError:
+                self.store.delete(job_id)  # nothing half-made is left behind
+                raise
+        return self.get(job_id)
+
+    def _launch(self, job: dict) -> None:
+        active = [r for r in self.runs.values() if r.is_alive()]
+        if job["engine"] == "cluster":
+            if not self.s.broadcaster:
+                raise JobConflict("engine: this API has no cluster (start it with --broadcaster ENDPOINT)")
+            if any(isinstance(r, ClusterRun) for r in active):
+                raise JobConflict("engine: the cluster runs one job at a time and is busy")
+            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.s.evaluator)
+        else:
+            if sum(isinstance(r, LocalRun) for r in active) >= self.s.max_local_jobs:
+                raise JobConflict(f"engine: {self.s.max_local_jobs} local jobs are running already")
+            run = LocalRun(self.store, job, self.metrics.job_flushed, self.s.evaluator)
+        run.set_state("running", "started" if job["state"] == "created" else "resuming")
+        self.runs[job["id"]] = run
+        run.start()
+
+    def act(self, job_id: str, action: str) -> dict:
+        """``action`` (a key of ``ACTIONS``) applied to the job; the job afterwards."""
+        with self.lock:
+            job = self.get(job_id)
+            if job["state"] not in self.ACTIONS[action]:
+                raise JobConflict(f"cannot {action} a job that is {job['state']} "
+                                  f"(allowed from: {', '.join(self.ACTIONS[action])})")
+            run = self.runs.get(job_id)
+            alive = run is not None and run.is_alive()
+            if action == "start" or (action == "resume" and not alive):
+                self._launch(job)
+            elif action == "pause":
+                run.pause()
+            elif action == "resume":
+                run.resume()
+            elif action == "stop":
+                if alive:
+                    run.stop()
+                else:
+                    self.store.set_state(job_id, "stopped")
+                    self.store.log(job_id, "stopped")
+        if action == "stop" and alive:
+            run.join(30)
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        with self.lock:
+            job = self.get(job_id)
+            if job["state"] in ("running", "paused"):
+                raise JobConflict(f"cannot delete a job that is {job['state']}: stop it first")
+            self.runs.pop(job_id, None)
+            with self._known(job_id):
+                self.store.delete(job_id)
+
+    def shutdown(self) -> None:
+        """The API is going down: active jobs checkpoint and become ``interrupted``."""
+        runs = [r for r in self.runs.values() if r.is_alive()]
+        for run in runs:
+            run.stop(interrupt=True)
+        for run in runs:
+            run.join(30)
+        self.store.close()
+
+    def count_states(self) -> None:
+        counts = dict.fromkeys(STATES, 0)
+        for job in self.store.list():
+            counts[job["state"]] += 1
+        for state, n in counts.items():
+            self.metrics.jobs.labels(state).set(n)

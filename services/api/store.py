@@ -64,6 +64,10 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def ping(self) -> None:
+        """Raises (sqlite3.Error) if the database does not answer."""
+        self._run("SELECT 1")
+
     # --- jobs ----------------------------------------------------------------------------------
     def create(self, config: dict, engine: str, options: dict | None = None) -> str:
         job = uuid.uuid4().hex[:12]

@@ -1,0 +1,24 @@
+"""The API's one settings object (docs/architecture.md §4: settings at the edge).
+
+``pmgd api`` reads it once (``app.main``: env ``PMGD_API_<FIELD>``, flags override, see
+``pmgd_node/shell/settings.py``) and hands it to ``create_app``; nothing below reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiSettings:
+    """Env ``PMGD_API_<FIELD>`` (flags override)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = "pmgd.sqlite"
+    token: str = ""  # bearer token for mutating requests ("" = open)
+    broadcaster: str = ""  # control endpoint of the cluster ("" = local engine only)
+    evaluator: str = ""  # base URL of the evaluator service ("" = score checkpoints in-process)
+    data_dir: str = ""  # default data directory for jobs that name none
+    max_local_jobs: int = 2  # local-engine jobs running at once (each takes a core)
