@@ -1,0 +1,31 @@
+"""``GET /cluster``: the broadcaster's state and nodes, asked through the cluster client."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from services.cluster.client import status
+
+from .deps import SettingsDep
+
+router = APIRouter(tags=["cluster"])
+
+
+def cluster_status(control: str) -> dict:
+    """The broadcaster at ``control`` as the API shows it: reachable or not, its state, job,
+    drop counts and nodes (shard, seconds since the last heartbeat, drops)."""
+    if not control:
+        return {"broadcaster": "", "reachable": False, "state": "none", "nodes": {}}
+    try:
+        st = status(control, timeout_s=2.0)
+    except (TimeoutError, RuntimeError) as err:
+        return {"broadcaster": control, "reachable": False, "state": "unreachable", "error": str(err), "nodes": {}}
+    return {"broadcaster": control, "reachable": True, "state": st["state"], "job": st.get("job"),
+            "pause_reason": st.get("pause_reason", ""), "dropped": st.get("dropped", {}),
+            "nodes": {k: {"shard": v["shard"], "last_heartbeat_s": v["last_seen_s"], "dropped": v["dropped"]}
+                      for k, v in st["nodes"].items()}}
+
+
+@router.get("/cluster")
+def cluster(settings: SettingsDep) -> dict:
+    return cluster_status(settings.broadcaster)
