@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 
 import numpy as np
@@ -33,6 +32,7 @@ from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
 from services.chip.job import ChipJob, EvalPoint, JobResult
 from services.evaluator.remote import RemoteCost
+from services.state_file import load_state, save_state
 
 _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
 
@@ -214,39 +214,44 @@ class JobRun:
         return self.chip.result(self.tick, self.static, time.perf_counter() - self.started)
 
     # --- persistence (broadcaster restart) ----------------------------------------------------
+    SHARD_ARRAYS = ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")
+
     def save(self, path: str) -> None:
-        """Write the checkpoint atomically: ``path``.npz (arrays) beside ``path``.json (the rest)."""
-        ck = self.checkpoint
-        arrays = {f"{k}/{name}": st[name] for k, st in enumerate(ck["shards"])
-                  for name in ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
-        chip = ck["chip"]
+        """Write the checkpoint as one state file, ``path``, atomically and with its digest
+        (services/state_file.py): a kill at any instant leaves the previous checkpoint or this one."""
+        ck, chip = self.checkpoint, self.checkpoint["chip"]
+        arrays = {f"{k}/{name}": st[name] for k, st in enumerate(ck["shards"]) for name in self.SHARD_ARRAYS}
         arrays.update(t_sol=chip["t_sol"], c0_sol=chip["c0_sol"], t_div=chip["t_div"])
         meta = {"job": self.id, "config": self.config.to_dict(), "tick": ck["tick"], "stage": chip["stage"],
                 "updates": [st["updates"] for st in ck["shards"]], "epoch": self.epoch,
                 "history": [[h.tick, h.c0_measurements, h.cost.tolist(), h.accuracy.tolist()]
                             for h in self.history[: chip["history"]]]}
-        for suffix, write in ((".npz", lambda f: np.savez(f, **arrays)),
-                              (".json", lambda f: f.write(json.dumps(meta).encode()))):
-            with open(path + suffix + ".tmp", "wb") as f:
-                write(f)
-            os.replace(path + suffix + ".tmp", path + suffix)
+        arrays["meta"] = np.array(json.dumps(meta))
+        save_state(path, arrays)
 
     @classmethod
     def load(cls, path: str, device: str | None = None, evaluator: str = "") -> JobRun:
-        with open(path + ".json", encoding="utf-8") as f:
-            meta = json.load(f)
-        job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator)
-        with np.load(path + ".npz") as z:
-            shards = [{name: z[f"{k}/{name}"] for name in
-                       ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")}
-                      | {"updates": meta["updates"][k]} for k in range(len(job.shards))]
-            chip = {"stage": meta["stage"], "t_sol": z["t_sol"].copy(), "c0_sol": z["c0_sol"].copy()}
-            if "t_div" in z:
-                chip["t_div"] = z["t_div"].copy()
-        job.chip.history[:] = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
-        chip["history"] = len(job.chip.history)
-        job.chip.restore(chip, meta["tick"])
-        job.epoch = meta["epoch"]
+        """The job of a checkpoint written by :meth:`save`; ValueError (with the reason) for a
+        file that is damaged, foreign or does not fit its own config."""
+        arrays = load_state(path)
+        try:
+            meta = json.loads(str(arrays["meta"]))
+            job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator)
+            S = job.config.seeds
+            shards = []
+            for k, (a, b) in enumerate(job.shards):
+                st = {name: arrays[f"{k}/{name}"] for name in cls.SHARD_ARRAYS} | {"updates": meta["updates"][k]}
+                if st["theta0"].shape != (S, b - a) or st["gradient"].shape != (S, b - a):
+                    raise ValueError(f"shard {k} holds {st['theta0'].shape}, the job needs {(S, b - a)}")
+                shards.append(st)
+            chip = {"stage": meta["stage"], "t_sol": arrays["t_sol"], "c0_sol": arrays["c0_sol"],
+                    "t_div": arrays["t_div"]}
+            job.chip.history[:] = [EvalPoint(t, c0, np.array(c), np.array(a)) for t, c0, c, a in meta["history"]]
+            chip["history"] = len(job.chip.history)
+            job.chip.restore(chip, meta["tick"])
+            job.epoch = meta["epoch"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a checkpoint this broadcaster can resume ({err})") from None
         job.checkpoint = {"tick": meta["tick"], "shards": shards, "chip": job.chip.state(), "trail": hashlib.sha256()}
         job.trail_valid = False
         return job

@@ -135,6 +135,8 @@ class Broadcaster:
         self.running = True
         self.ticks = 0  # ticks served since start, all jobs
         self.saved = 0  # checkpoints written to state_dir
+        self._saved_checkpoints = 0  # the job's checkpoints_taken when state_dir was last written
+        self.resume_error = ""  # why a checkpoint found on disk at start was refused
         self._reports: list[dict] = []  # per-tick reports since the last progress message
         self._last_publish = time.monotonic()
         self._next_tick_at = 0.0  # async: when the broadcaster's clock runs the next tick
@@ -161,7 +163,7 @@ class Broadcaster:
         print(f"pmgd broadcaster: {text}", flush=True)
 
     def _state_path(self) -> str:
-        return os.path.join(self.s.state_dir, "job") if self.s.state_dir else ""
+        return os.path.join(self.s.state_dir, "job.npz") if self.s.state_dir else ""
 
     def _resume_from_disk(self) -> None:
         path = self._state_path()
@@ -170,16 +172,23 @@ class Broadcaster:
                 if name.startswith("result-") and name.endswith(".json"):
                     with open(os.path.join(self.s.state_dir, name), encoding="utf-8") as f:
                         self.results[name[len("result-"):-len(".json")]] = json.load(f)
-        if path and os.path.exists(path + ".json"):
-            self.job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator)
-            self.state = "waiting"
-            self._log(f"resuming job {self.job.id} from its checkpoint at tick {self.job.checkpoint['tick']}")
+        if path and os.path.exists(path):
+            try:
+                job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator)
+            except ValueError as err:  # damaged or foreign: refused, left on disk for a person to look at
+                self.resume_error = str(err)
+                self._log(f"refusing to resume: {err}")
+                return
+            self.job, self.state = job, "waiting"
+            self._saved_checkpoints = job.checkpoints_taken
+            self._log(f"resuming job {job.id} from its checkpoint at tick {job.checkpoint['tick']}")
 
     # --- job lifecycle ---------------------------------------------------------------------------
     def status(self) -> dict:
         now = time.monotonic()
         job = self.job
-        return {"state": self.state, "pause_reason": self.pause_reason, "dropped": dict(self.dropped),
+        return {"state": self.state, "pause_reason": self.pause_reason, "resume_error": self.resume_error,
+                "dropped": dict(self.dropped),
                 "ticks_served": self.ticks, "checkpoints_saved": self.saved,
                 "nodes": {k: {"shard": n.shard, "last_seen_s": now - n.last_seen, "dropped": n.dropped}
                           for k, n in self.nodes.items()},
@@ -209,6 +218,7 @@ class Broadcaster:
             self._to(identity, p.Progress(msg.job, True, {"error": str(err) or type(err).__name__}))
             return
         self.job, self.client, self.state = job, identity, "waiting"
+        self._saved_checkpoints = job.checkpoints_taken
         self._log(f"job {job.id}: {config.task} on {config.nodes} node(s), waiting for nodes")
         self._try_start()
 
@@ -262,11 +272,12 @@ class Broadcaster:
             self._to(self.client, p.Progress(job.id, True, summary))
         path = self._state_path()
         if path:
-            with open(os.path.join(self.s.state_dir, f"result-{job.id}.json"), "w", encoding="utf-8") as f:
+            result = os.path.join(self.s.state_dir, f"result-{job.id}.json")
+            with open(result + ".tmp", "w", encoding="utf-8") as f:
                 json.dump(summary, f)
-            for suffix in (".json", ".npz"):
-                if os.path.exists(path + suffix):
-                    os.remove(path + suffix)
+            os.replace(result + ".tmp", result)  # the result is on disk before the checkpoint goes
+            if os.path.exists(path):
+                os.remove(path)
         self._log(f"job {job.id}: finished at tick {job.tick}, {summary['converged']}/{summary['runs']} converged")
         self.job, self.client, self.state, self.held = None, None, "idle", False
 
@@ -328,9 +339,8 @@ class Broadcaster:
                                            self.job.epoch if self.job else 0, self.job.tick if self.job else 0))
         elif isinstance(msg, p.Checkpoint):
             if self.job is not None and msg.job == self.job.id:
-                if self.job.on_checkpoint(msg):
-                    self.metrics.checkpoints.inc()
-                    self._save()
+                self.job.on_checkpoint(msg)
+                self._save_new_checkpoint()
         elif isinstance(msg, p.Submit):
             self._submit(identity, msg)
         elif isinstance(msg, p.Status):
@@ -365,10 +375,17 @@ class Broadcaster:
         else:
             self._count("unexpected")
 
-    def _save(self) -> None:
+    def _save_new_checkpoint(self) -> None:
+        """Persist every checkpoint the job completes, whether the last shard's state or the
+        broadcaster's own boundary (``advance``) completed it."""
+        job = self.job
+        if job is None or job.checkpoints_taken == self._saved_checkpoints:
+            return
+        self._saved_checkpoints = job.checkpoints_taken
+        self.metrics.checkpoints.inc()
         if self._state_path():
             os.makedirs(self.s.state_dir, exist_ok=True)
-            self.job.save(self._state_path())
+            job.save(self._state_path())
             self.saved += 1
 
     def _on_weights(self, frames: list[bytes]) -> None:
@@ -398,6 +415,7 @@ class Broadcaster:
         except RemoteError as err:
             self._fail(str(err))
             return
+        self._save_new_checkpoint()
         if cost is not None:
             self.sent[cost.tick] = self._publish(cost)
             if len(self.sent) > 64:

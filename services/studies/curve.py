@@ -21,18 +21,17 @@ continues from the last checkpoint; the continued run matches an uninterrupted o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pmgd_node.config import ConfigError, JobConfig
 from services.engine.engine import Engine
+from services.state_file import load_state, save_state
 
 STATE = "curve.npz"
 
@@ -69,46 +68,6 @@ class Curve:
     def as_dict(self) -> dict:
         return {"ticks": self.ticks, "cost": [c if np.isfinite(c) else None for c in self.cost],
                 "accuracy": self.accuracy}
-
-
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(name.encode())
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def save_state(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` with their digest so that a kill at any instant leaves old or new."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    arrays["digest"] = np.array(_digest(arrays))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
-
-
-def load_state(path: str) -> dict[str, np.ndarray]:
-    """The arrays of a checkpoint, after checking their digest (ValueError if it does not match)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
-    digest = str(arrays.pop("digest", ""))
-    if digest != _digest(arrays):
-        raise ValueError(f"{path}: checksum mismatch, the checkpoint is damaged")
-    return arrays
 
 
 @dataclass

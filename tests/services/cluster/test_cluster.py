@@ -169,7 +169,7 @@ def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
         def checkpointed():
             st = status(cluster.endpoints["control"])
             return (st["job"] is not None and st["job"]["checkpoint_tick"] >= 400 and st["checkpoints_saved"] >= 2
-                    and (tmp_path / "job.json").exists())
+                    and (tmp_path / "job.npz").exists())
 
         _wait_for(checkpointed, 120, "a checkpoint on disk at tick 400 or later")
         cluster.broadcaster.send_signal(signal.SIGKILL)
