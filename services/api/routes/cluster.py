@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from services.cluster.client import status
 
+from ..schemas import ClusterStatus
 from .deps import SettingsDep
 
 router = APIRouter(tags=["cluster"])
@@ -26,6 +27,6 @@ def cluster_status(control: str) -> dict:
                       for k, v in st["nodes"].items()}}
 
 
-@router.get("/cluster")
+@router.get("/cluster", response_model=ClusterStatus, response_model_exclude_unset=True)
 def cluster(settings: SettingsDep) -> dict:
     return cluster_status(settings.broadcaster)

@@ -6,17 +6,18 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..schemas import Health, Ready
 from .deps import JobsDep, MetricsDep, SettingsDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health)
 def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={200: {"model": Ready}, 503: {"model": Ready, "description": "not ready"}})
 def ready(jobs: JobsDep, settings: SettingsDep) -> Response:
     try:
         jobs.ping()
@@ -25,7 +26,7 @@ def ready(jobs: JobsDep, settings: SettingsDep) -> Response:
     return JSONResponse({"ready": True, "broadcaster": settings.broadcaster or None})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def prometheus(jobs: JobsDep, metrics: MetricsDep) -> Response:
     jobs.count_states()
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

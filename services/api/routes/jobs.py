@@ -10,25 +10,25 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from ..jobs import Jobs
-from ..schemas import EvaluateRequest, JobCreate
+from ..schemas import EvaluateRequest, Job, JobCreate, JobLogs, JobMetrics
 from ..store import STATES
 from .deps import Authorized, JobsDep
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/jobs", status_code=201, dependencies=[Authorized])
+@router.post("/jobs", status_code=201, dependencies=[Authorized], response_model=Job)
 def create(body: JobCreate, jobs: JobsDep) -> dict:
     return jobs.create(body.config, body.engine, angle=body.angle, start=body.start)
 
 
-@router.get("/jobs")
+@router.get("/jobs", response_model=list[Job])
 def list_jobs(jobs: JobsDep,
               state: str | None = Query(None, description=f"one of {', '.join(STATES)}")) -> list[dict]:
     return jobs.list_jobs(state)
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", response_model=Job)
 def get_job(job_id: str, jobs: JobsDep) -> dict:
     return jobs.get(job_id)
 
@@ -38,7 +38,7 @@ def _action_route(action: str) -> None:
         return jobs.act(job_id, action)
 
     router.post(f"/jobs/{{job_id}}/{action}", dependencies=[Authorized], name=f"{action}_job",
-                summary=f"{action} the job")(endpoint)
+                summary=f"{action} the job", response_model=Job)(endpoint)
 
 
 for _action in Jobs.ACTIONS:  # POST /jobs/{job_id}/start|pause|resume|stop
@@ -51,14 +51,14 @@ def delete_job(job_id: str, jobs: JobsDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/jobs/{job_id}/metrics")
+@router.get("/jobs/{job_id}/metrics", response_model=JobMetrics)
 def job_metrics(job_id: str, jobs: JobsDep,
                 since: int = Query(-1, ge=-1, le=2**62, description="only points after this tick"),
                 names: str = Query("", description="comma-separated series names (default: all)")) -> dict:
     return {"job": job_id, "series": jobs.series(job_id, since, {n for n in names.split(",") if n})}
 
 
-@router.get("/jobs/{job_id}/logs")
+@router.get("/jobs/{job_id}/logs", response_model=JobLogs)
 def job_logs(job_id: str, jobs: JobsDep, since: int = Query(0, ge=0, le=2**62)) -> dict:
     return {"job": job_id, "lines": jobs.logs(job_id, since)}
 
