@@ -147,6 +147,13 @@ BOUNDS: dict[str, Bound] = {
     "eta_decay_ticks": Bound(int, 0, 10**12),
     "eta_decay_power": Bound(float, 0.0, 2.0, lo_open=True),
 }
+# Parameters × runs a job may hold. The engine keeps θ⁰, G and a block of 64 ticks of θ̃ per
+# value (pmgd_node/node.py, BLOCK): at this bound about 2.2 GB of float64, so one request
+# cannot take a service's memory (a GPU sweep of the CIFAR-10 CNN: 150 seeds).
+MAX_JOB_VALUES = 4_000_000
+# Parameter counts of the CNN tasks (their networks are fixed; services/evaluator/models.py).
+CNN_PARAMS = {"fmnist": 14_378, "cifar10": 26_154}
+
 CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
            "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
 
@@ -255,6 +262,14 @@ class JobConfig:
         if self.integrator != "auto":
             return self.integrator
         return "sum" if self.mode == "discrete" else "lowpass"
+
+    @property
+    def num_params(self) -> int:
+        """P of the job's network: an MLP's weights and biases, or the CNN's fixed count."""
+        if self.task in CNN_PARAMS:
+            return CNN_PARAMS[self.task]
+        layers = [int(n) for n in self.network.split("-")]
+        return sum(a * b + b for a, b in zip(layers, layers[1:]))
 
     @property
     def minibatch(self) -> float:
@@ -372,6 +387,10 @@ def _validate(c: JobConfig) -> None:
         value = getattr(c, name)
         if value is not None or name not in _OPTIONAL:
             bound.check(name, value)
+    if c.num_params * c.seeds > MAX_JOB_VALUES:
+        raise ConfigError("seeds", f"the job holds {c.num_params:,} parameters × {c.seeds:,} runs = "
+                                   f"{c.num_params * c.seeds:,} values; at most {MAX_JOB_VALUES:,} (fewer runs per "
+                                   "job, or several jobs)")
     if c.mode == "discrete" and c.resolved_integrator == "lowpass":
         raise ConfigError("integrator", "lowpass is the analog integrator; use sum or momentum in discrete mode")
     if c.mode == "analog" and c.resolved_integrator != "lowpass":

@@ -86,3 +86,17 @@ def test_label_smoothing_and_weight_decay_are_bounded_and_named():
         JobConfig(weight_decay=-0.1)
     with pytest.raises(ConfigError, match="'weight_decay'.*η·λ must be < 1"):
         JobConfig(eta=0.5, weight_decay=2.0)
+
+
+def test_a_job_larger_than_the_bound_is_refused_naming_its_size():
+    from pmgd_node.config import MAX_JOB_VALUES
+    from services.evaluator.models import build_model
+
+    for task in ("parity3", "fmnist", "cifar10"):  # the config's count is the model's
+        assert JobConfig(task=task).num_params == build_model(task, device="cpu").num_params
+    assert JobConfig(network="2-4-1").num_params == 17
+    JobConfig(task="cifar10", seeds=MAX_JOB_VALUES // 26_154)  # just fits
+    with pytest.raises(ConfigError, match=r"'seeds'.*26,154 parameters × 153 runs.*at most 4,000,000"):
+        JobConfig(task="cifar10", seeds=153)
+    with pytest.raises(ConfigError, match="'seeds'.*parameters"):
+        JobConfig(network="2-1000000-1000000-1", seeds=1)  # the 10¹² weights in one request
