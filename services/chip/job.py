@@ -130,6 +130,7 @@ class ChipJob:
         self.c0_sol = np.full(S, -1, dtype=np.int64)
         self.t_div = np.full(S, -1, dtype=np.int64)  # the tick each run diverged at, −1 before
         self.history: list[EvalPoint] = []
+        self._over = False  # every run solved or diverged: recomputed when t_sol or t_div change
 
     def initial_theta0(self) -> np.ndarray:
         return initial_parameters(self.model, self.config)
@@ -147,13 +148,19 @@ class ChipJob:
         c_tilde = self.stage.cost_variation(theta0, effective)
         if self.stage.diverged:
             new = (self.t_div < 0) & (self.stage.diverged_at >= 0)
-            self.t_div[new] = self.stage.diverged_at[new]
+            if new.any():
+                self.t_div[new] = self.stage.diverged_at[new]
+                self._update_over()
         return c_tilde
 
     @property
     def over(self) -> bool:
         """Is every run over: solved (when the job has a stopping rule) or diverged?"""
-        return bool(np.all(((self.t_sol >= 0) if self.has_rule else False) | (self.t_div >= 0)))
+        return self._over
+
+    def _update_over(self) -> None:
+        # Kept as a flag: the engine asks every tick, and the arrays change only at events.
+        self._over = bool(np.all(((self.t_sol >= 0) if self.has_rule else False) | (self.t_div >= 0)))
 
     # --- evaluation and stopping --------------------------------------------------------------
     def evaluation_due(self, t: int) -> bool:
@@ -174,6 +181,7 @@ class ChipJob:
             newly = meets_target(self.config, point) & (self.t_sol < 0) & (self.t_div < 0)
             self.t_sol[newly] = point.tick
             self.c0_sol[newly] = point.c0_measurements
+        self._update_over()
 
     # --- state ------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -189,6 +197,7 @@ class ChipJob:
         self.t_div[:] = state["t_div"] if "t_div" in state else -1  # absent from older checkpoints
         if "history" in state:
             del self.history[int(state["history"]):]
+        self._update_over()
 
     def result(self, ticks: int, theta0: np.ndarray, wall_time: float) -> JobResult:
         """The job's result after ``ticks`` ticks (its last evaluation, or one of θ⁰ now)."""
