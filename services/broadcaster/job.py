@@ -34,6 +34,10 @@ from services.chip.job import ChipJob, EvalPoint, JobResult
 from services.evaluator.remote import RemoteCost
 from services.state_file import load_state, save_state
 
+# Ticks a node may run ahead of the broadcaster beyond its clock drift (async phases, a node
+# that restarted from a newer shard checkpoint); far above what a real cluster shows.
+AHEAD_SLACK = 1024
+
 _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, np.int64)}
 
 
@@ -91,9 +95,18 @@ class JobRun:
     def _boundary(self, tick: int, shards: list[dict]) -> dict:
         return {"tick": tick, "shards": shards, "chip": self.chip.state(), "trail": self.trail.copy()}
 
+    def _too_far_ahead(self, tick: int) -> bool:
+        """A tick no node of this job can have reached yet: its clock runs at most 1 + drift
+        times the broadcaster's, from at most the checkpoint it started at. Such a message (a
+        stranger's, or a corrupted one) would otherwise pin a shard: every real message after it
+        would look stale."""
+        return tick > self.tick + AHEAD_SLACK + 2 * self.config.drift * self.tick
+
     def on_checkpoint(self, c: p.Checkpoint) -> bool:
         """Collect one shard's state; True when a boundary is complete and became the checkpoint."""
         if c.epoch != self.epoch or not 0 <= c.shard < len(self.shards) or c.tick <= self.checkpoint["tick"]:
+            return False
+        if self._too_far_ahead(c.tick):
             return False
         a, b = self.shards[c.shard]
         if c.theta0.shape != (self.config.seeds, b - a) or c.gradient.shape != c.theta0.shape:
@@ -155,26 +168,28 @@ class JobRun:
                         c.theta0, c.gradient, c.pending_arrival, c.pending_tag, c.pending_value)
 
     # --- the tick cycle -----------------------------------------------------------------------
-    def on_weights(self, w: p.Weights) -> bool:
-        """Store one shard's weights; True when a malformed one was refused.
+    def on_weights(self, w: p.Weights) -> str:
+        """Store one shard's weights; the reason when one was refused ("shape", "tick"), else "".
 
         Sync keeps only weights of the current tick; async keeps each shard's newest.
         """
         if w.epoch != self.epoch or not 0 <= w.shard < len(self.shards):
-            return False
+            return ""
         if (w.tick <= self.held[w.shard]) if self.asynchronous else (w.tick != self.tick):
-            return False  # stale (earlier tick or epoch) or a duplicate resend: nothing to do
+            return ""  # stale (earlier tick or epoch) or a duplicate resend: nothing to do
+        if self._too_far_ahead(w.tick):
+            return "tick"  # no node can be there yet
         a, b = self.shards[w.shard]
         shape = (self.config.seeds, b - a)
         if w.effective.shape != shape or (w.static is not None and w.static.shape != shape):
-            return True
+            return "shape"
         self.effective[:, a:b] = w.effective
         if w.static is not None:
             self.static[:, a:b] = w.static
         self.have.add(w.shard)
         self.held[w.shard] = w.tick
         self.held_at[w.shard] = self.tick
-        return False
+        return ""
 
     def staleness(self, tick: int) -> list[int]:
         """Per node: broadcaster ticks since the shard used at ``tick`` arrived (0 in sync mode)."""

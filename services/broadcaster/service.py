@@ -399,8 +399,9 @@ class Broadcaster:
             return
         if self.job is None or msg.job != self.job.id or self.state != "running":
             return
-        if self.job.on_weights(msg):
-            self._count("shape")
+        refused = self.job.on_weights(msg)
+        if refused:
+            self._count(refused)
         if self.job.asynchronous:
             return  # async: the broadcaster's own clock runs the ticks (see run)
         while self.job is not None and self.job.ready and self.state == "running":
