@@ -34,6 +34,7 @@ from fastapi import FastAPI
 from pmgd_node.shell.settings import parse
 
 from .errors import JobError
+from .guard import Guard
 from .jobs import Jobs
 from .routes import ROUTERS
 from .routes.deps import job_error_handler
@@ -62,6 +63,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.add_exception_handler(JobError, job_error_handler)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(Guard, token=settings.token)  # outermost: before any body is read
     return app
 
 

@@ -161,3 +161,26 @@ def test_the_job_controller_and_scoring_are_free_of_http_and_sockets():
         modules |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not {m for m in modules if m.split(".")[0] in ("fastapi", "starlette", "zmq")}, (name, modules)
         assert "HTTPException" not in open(os.path.join(root, name), encoding="utf-8").read(), name
+
+
+@pytest.mark.asyncio
+async def test_the_token_is_checked_before_the_body_and_bodies_are_capped(client):
+    from services.api.guard import MAX_BODY
+
+    r = await client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401  # a stranger's malformed body: refused for the token, never parsed
+    r = await client.post("/jobs", content=b"{not json", headers={"content-type": "application/json", **AUTH})
+    assert r.status_code == 422  # with the token, the body is read and found malformed
+    big = b'{"config": {"data_dir": "' + b"x" * MAX_BODY + b'"}}'
+    r = await client.post("/jobs", content=big, headers={"content-type": "application/json", **AUTH})
+    assert r.status_code == 413 and f"{MAX_BODY:,} bytes" in r.json()["detail"]
+
+    async def chunks():  # no Content-Length: read up to the cap, then refused
+        for _ in range(MAX_BODY // 65536 + 2):
+            yield b"x" * 65536
+
+    r = await client.post("/jobs", content=chunks(), headers={"content-type": "application/json", **AUTH})
+    assert r.status_code == 413
+    assert (await client.get("/jobs")).json() == []  # nothing was made
+    r = await client.post("/jobs", json={"config": {"max_ticks": 10}}, headers=AUTH)
+    assert r.status_code == 201  # a normal request passes the gate unchanged
