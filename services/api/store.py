@@ -8,7 +8,7 @@ Tables::
     events(job, seq, time, text)               the job's log: state changes, progress lines
 
 States: created → running ⇄ paused → finished | diverged | stopped | failed (diverged: every
-run's cost or weights stopped being finite, see services.engine.engine.diverged); a job that was running or
+run's cost or weights stopped being finite, see services.chip.job.diverged); a job that was running or
 paused when the service died is ``interrupted`` after a restart (``recover``) and resumable.
 Every call opens its own short transaction, so the API's worker threads may share a Store.
 """
@@ -33,7 +33,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS metrics (
     job TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE, tick INTEGER NOT NULL,
     name TEXT NOT NULL, value REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_job ON metrics(job, name, tick);
 CREATE TABLE IF NOT EXISTS checkpoints (
     job TEXT PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE, tick INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
@@ -56,6 +55,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        # One point per (job, series, tick): a job replayed from a checkpoint writes its ticks
+        # again and the newest value stands. A file of an older version may hold duplicates
+        # (and the old non-unique index): keep each point's newest row, then index uniquely.
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name='metrics_point'").fetchall():
+            self._db.executescript("""
+                BEGIN;
+                DELETE FROM metrics WHERE rowid NOT IN (SELECT MAX(rowid) FROM metrics GROUP BY job, name, tick);
+                DROP INDEX IF EXISTS metrics_job;
+                CREATE UNIQUE INDEX metrics_point ON metrics(job, name, tick);
+                COMMIT;""")
 
     def _run(self, sql: str, args=()) -> list[tuple]:
         with self._lock:
@@ -120,12 +129,13 @@ class Store:
         self.add_points(job, [(tick, name, v) for name, v in values.items()])
 
     def add_points(self, job: str, points: list[tuple[int, str, float]]) -> None:
-        """Append (tick, series, value) points in one transaction; the job's tick follows the newest."""
+        """Add (tick, series, value) points in one transaction (a point written again, by a
+        replay, replaces the old one); the job's tick follows the newest."""
         if not points:
             return
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)",
+            self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)",
                                  [(job, int(t), name, float(v)) for t, name, v in points])
             self._db.execute("UPDATE jobs SET tick=MAX(tick, ?) WHERE id=?", (max(int(t) for t, _, _ in points), job))
             self._db.execute("COMMIT")

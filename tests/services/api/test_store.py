@@ -66,3 +66,26 @@ def test_threads_may_share_a_store(tmp_path):
     for th in threads:
         th.join()
     assert len(store.metrics(job)["cost"]) == 200
+
+
+def test_a_replayed_point_replaces_the_old_one_and_old_files_are_deduplicated(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "old.sqlite")
+    store = Store(path)
+    store.create({"task": "parity2"}, "local", {})
+    job = store.list()[0]["id"]
+    store.add_metrics(job, 10, {"cost": 0.5})
+    store.add_metrics(job, 20, {"cost": 0.4})
+    store.add_metrics(job, 10, {"cost": 0.45})  # a replay from a checkpoint before tick 10
+    assert store.metrics(job)["cost"] == [(10, 0.45), (20, 0.4)]
+    store.close()
+    # A file written by a version without the unique index, holding duplicates:
+    db = sqlite3.connect(path)
+    db.executescript("DROP INDEX metrics_point; CREATE INDEX metrics_job ON metrics(job, name, tick);")
+    db.execute("INSERT INTO metrics VALUES (?, 20, 'cost', 0.39)", (job,))
+    db.commit()
+    db.close()
+    again = Store(path)
+    assert again.metrics(job)["cost"] == [(10, 0.45), (20, 0.39)]  # the newest row of each point
+    again.close()
