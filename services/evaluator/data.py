@@ -62,6 +62,28 @@ class DatasetError(RuntimeError):
     """A dataset file is missing, truncated or not in the expected format."""
 
 
+class OutsideRoots(ValueError):
+    """A data directory outside the ones a service was started with."""
+
+
+def data_roots(data_dir: str, extra: str = "") -> list[str]:
+    """The directories a service reads data from: its ``data_dir`` (the working directory
+    when unset) and the ``os.pathsep``-separated ``extra`` ones, resolved."""
+    return [os.path.realpath(d) for d in [data_dir or os.getcwd(), *filter(None, extra.split(os.pathsep))]]
+
+
+def confine(task: str, data_dir: str, roots: list[str]) -> None:
+    """Refuse a data directory outside ``roots`` (symlinks resolved) for a task that reads
+    files; parity is generated and reads none. Requests over a network name their data
+    directory: this keeps them from making the service search or read anywhere else."""
+    if _PARITY_RE.fullmatch(task):
+        return
+    path = os.path.realpath(data_dir or roots[0])
+    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise OutsideRoots(f"data_dir {data_dir!r} is outside the directories this service reads "
+                           f"({os.pathsep.join(roots)}; start it with --data-dir or --data-roots to add one)")
+
+
 @dataclass(frozen=True, eq=False)
 class Dataset:
     """Inputs ``x`` (N, ...) and int64 labels ``y`` (N,) of one split of one task."""

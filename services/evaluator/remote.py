@@ -30,7 +30,7 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.shell.settings import parse, serve
 
-from .data import load
+from .data import confine, data_roots, load
 from .models import job_model
 
 
@@ -78,7 +78,8 @@ class EvaluatorSettings:
     max_jobs: int = 4  # models and data sets kept loaded
     http_host: str = "127.0.0.1"  # inference service (HTTP) address
     http_port: int = 8001  # 0 = no HTTP, the cost hop alone
-    data_dir: str = ""  # data sets for HTTP requests that name none
+    data_dir: str = ""  # data sets for requests that name none; requests may name only it or data_roots
+    data_roots: str = ""  # further directories requests may name, separated by os.pathsep (':')
 
 
 class CostServer:
@@ -93,6 +94,7 @@ class CostServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(settings.endpoint)
         self.jobs: dict[str, tuple] = {}  # job → (model, train, prepared batches)
+        self.roots = data_roots(settings.data_dir, settings.data_roots)
         self.dropped: dict[str, int] = {}
         self.running = True
 
@@ -100,8 +102,10 @@ class CostServer:
         entry = self.jobs.get(job)
         if entry is None:
             cfg = JobConfig.from_dict(config)
+            data_dir = cfg.data_dir or self.s.data_dir
+            confine(cfg.task, data_dir, self.roots)  # a job off the wire names no other directory
             model = job_model(cfg, device=self.s.device or None)
-            entry = (model, load(cfg.task, cfg.data_dir, "train"), {})
+            entry = (model, load(cfg.task, data_dir, "train"), {})
             if len(self.jobs) >= self.s.max_jobs:
                 self.jobs.pop(next(iter(self.jobs)))
             self.jobs[job] = entry

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pmgd_node.config import ConfigError, JobConfig
 
-from .data import Dataset, DatasetError, load
+from .data import Dataset, DatasetError, OutsideRoots, confine, data_roots, load
 from .inference import InvalidInput, load_checkpoint, score
 from .models import Model, build_model
 
@@ -174,6 +174,7 @@ def create_app(settings) -> FastAPI:
     device = resolve_device(settings.device)
     metrics = Metrics(device)
     cache = _Cache(settings.max_jobs, device)
+    roots = data_roots(settings.data_dir, settings.data_roots)
     app = FastAPI(title="pmgd evaluator", description="held-out scoring of PMGD parameter vectors")
     app.state.metrics, app.state.device = metrics, device
 
@@ -207,14 +208,20 @@ def create_app(settings) -> FastAPI:
             tick = None
             if npz is not None:
                 theta, tick = load_checkpoint(npz, run)
+            confine(cfg.task, cfg.data_dir, roots)
             model, data = cache.get(cfg.task, cfg.network, split, cfg.data_dir, init_scale)
             if limit:
                 data = Dataset(data.x[:limit], data.y[:limit], data.num_classes, data.name)
             result = score(model, np.asarray(theta, dtype=np.float64), data)
         except InvalidInput as err:
             raise _Rejected(422, err.field, str(err)) from None
+        except OutsideRoots as err:
+            raise _Rejected(403, "data_dir", f"data_dir: {err}") from None
         except DatasetError as err:
             raise _Rejected(404, "data_dir", f"data_dir: {err}") from None
+        except OSError as err:  # a name too long, a directory not readable, …: the client's path
+            reason = err.strerror or type(err).__name__
+            raise _Rejected(404, "data_dir", f"data_dir: cannot read it ({reason})") from None
         metrics.scored(result)
         out = {k: _json_safe(v) for k, v in result.items()}
         out.update(task=cfg.task, network=cfg.network, split=split, num_params=model.num_params, run=run, tick=tick)

@@ -119,6 +119,7 @@ def cifar_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluator(tmp_path_factory, cifar_dir):
     ev = Evaluator(tmp_path_factory.mktemp("ev") / "evaluator.log", f"--data-dir={cifar_dir}")
+    ev.data_dir = str(cifar_dir)
     ev.wait_http()
     yield ev
     assert ev.stop() == 0, ev.output()
@@ -208,7 +209,9 @@ def _bad_requests(empty_dir):
 
 
 def test_bad_inputs_are_4xx_naming_the_field_never_5xx(evaluator, tmp_path):
-    json_cases, raw_cases = _bad_requests(tmp_path)
+    empty = os.path.join(evaluator.data_dir, "empty")  # inside the data directory it serves
+    os.makedirs(empty, exist_ok=True)
+    json_cases, raw_cases = _bad_requests(empty)
     seen = []
     for body, field, fragment in json_cases:
         seen.append((request(evaluator.url + "/evaluate", body), field, fragment, body))
@@ -223,10 +226,18 @@ def test_bad_inputs_are_4xx_naming_the_field_never_5xx(evaluator, tmp_path):
         text = json.dumps(body, ensure_ascii=False)
         assert 400 <= status < 500, (case, status, text)
         assert field in text and fragment in text, (case, text)
-    # the missing data set is a 404 carrying the loader's message (what is missing, where to get it)
-    status, body = request(evaluator.url + "/evaluate",
-                           {"task": "cifar10", "data_dir": str(tmp_path), "theta": [0.0] * 26154})
+    # a directory outside the ones the evaluator was started with is refused before any read
+    for outside in (str(tmp_path), "/etc", evaluator.data_dir + "/../..", "x" * 256):
+        status, body = request(evaluator.url + "/evaluate", {"task": "cifar10", "data_dir": outside,
+                                                             "theta": [0.0] * 26154})
+        assert status == 403 and body["field"] == "data_dir" and "outside" in body["detail"], (outside, body)
+    # inside it, the missing data set is a 404 carrying the loader's message (what is missing,
+    # where to get it), and an unreadable path a 404 too, never a 500
+    status, body = request(evaluator.url + "/evaluate", {"task": "cifar10", "data_dir": empty, "theta": [0.0] * 26154})
     assert status == 404 and body["field"] == "data_dir" and "cifar-10-python.tar.gz" in body["detail"]
+    status, body = request(evaluator.url + "/evaluate", {"task": "cifar10", "data_dir": os.path.join(empty, "x" * 256),
+                                                         "theta": [0.0] * 26154})
+    assert status == 404 and body["field"] == "data_dir", body
     # a θ whose loss overflows is still an answer (loss null), not a server error
     status, body = request(evaluator.url + "/evaluate", {"task": "cifar10", "theta": [1e38] * 26154, "limit": 2})
     assert status == 200 and body["samples"] == 2, body
