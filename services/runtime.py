@@ -4,8 +4,9 @@
     result = run(config, "cluster", control="tcp://127.0.0.1:5556")  # a running broadcaster (pmgd up)
     result = run(config, "cluster")                               # a local cluster started for this job
 
-Every runtime returns a :class:`~services.chip.job.JobResult`, so `pmgd train`, `pmgd study`
-and the API shape their numbers the same way whichever ran the job. ``on_eval(point, solved)``
+Every runtime returns a :class:`~services.chip.job.JobResult`, so `pmgd train` and `pmgd study`
+shape their numbers the same way whichever ran the job (the API's runs do not go through here
+yet: they need the engine object for their SQLite checkpoints and the job id to re-attach). ``on_eval(point, solved)``
 is called at every evaluation with the :class:`~services.chip.job.EvalPoint` and the number of
 runs solved so far. ``JobResult.details`` carries what only one runtime knows (the engine's
 device; the cluster's job id, epochs, checkpoints, drop counts, final θ⁰ and θ⁰ trail).
