@@ -190,10 +190,11 @@ class LocalRun(Run):
     """The job on the in-process engine, in this process."""
 
     def execute(self) -> dict:
+        from services import runtime
         from services.chip.job import summarize
         from services.engine.engine import Engine
 
-        engine = Engine(self.config)
+        engine = Engine(self.config)  # built here: a checkpoint in the store may restore it first
         ck = self.store.checkpoint(self.id)
         if ck is not None:
             with np.load(io.BytesIO(ck[1])) as z:
@@ -205,13 +206,13 @@ class LocalRun(Run):
             if self.options.get("angle") else None
         self._checkpointed = time.monotonic()
         try:
-            result = engine.run(on_eval=self._on_eval)
+            result = runtime.run(self.config, "local", engine=engine, on_eval=self._on_eval)
         except _Halt:
             self.rec.flush()
             self._checkpoint()
             return summarize(engine.job.result(engine.tick, engine.theta0, 0.0))
         self._checkpoint()
-        return summarize(result)
+        return summarize(result) | result.details
 
     def _checkpoint(self) -> None:
         snap = self.engine.snapshot()
@@ -220,9 +221,8 @@ class LocalRun(Run):
         self._checkpointed = time.monotonic()
         self.held_out(tick, data)
 
-    def _on_eval(self, point, solved: np.ndarray) -> None:
-        values = {"cost": _median(point.cost), "accuracy": _median(point.accuracy),
-                  "solved": float(solved.sum())}
+    def _on_eval(self, point, solved: int) -> None:
+        values = {"cost": _median(point.cost), "accuracy": _median(point.accuracy), "solved": float(solved)}
         held = getattr(self.engine.stage.extractor, "c0", None)
         if held is not None:
             values["c0"] = float(np.mean(held))
@@ -235,8 +235,7 @@ class LocalRun(Run):
                 values["angle"] = float(np.median(angle_degrees(step, grad_prev)))
             self._prev = (theta.copy(), engine.model.gradient(theta, engine.eval_batch))
         self.rec.add(point.tick, values)
-        self.rec.log_every(lambda: progress_line(point.tick, point.cost, point.accuracy, int(solved.sum()),
-                                                 len(solved)))
+        self.rec.log_every(lambda: progress_line(point.tick, point.cost, point.accuracy, solved, self.config.seeds))
         if time.monotonic() - self._checkpointed >= CHECKPOINT_S:
             self._checkpoint()
         if not self._resume.is_set():
@@ -276,18 +275,21 @@ class ClusterRun(Run):
             self._send("stop")
 
     def execute(self) -> dict:
-        from services.cluster.client import Cancelled, run_job
+        from services import runtime
+        from services.chip.job import summarize
+        from services.cluster.client import Cancelled
 
         self.store.log(self.id, f"submitted to the broadcaster at {self.control}")
         try:
-            summary = run_job(self.config, self.control, self._on_progress, timeout_s=30 * 24 * 3600.0,
-                              job_id=self.id, cancelled=lambda: self.halt == "interrupted")
+            result = runtime.run(self.config, "cluster", control=self.control, timeout_s=30 * 24 * 3600.0,
+                                 job_id=self.id, cancelled=lambda: self.halt == "interrupted",
+                                 on_progress=self._on_progress)
         except Cancelled:
             return {}
-        theta0 = summary.pop("theta0", None)
+        theta0 = result.details.pop("theta0", None)
         if theta0 is not None:
-            self.store.save_checkpoint(self.id, summary["ticks_run"], np.asarray(theta0))
-        return summary
+            self.store.save_checkpoint(self.id, result.ticks, np.asarray(theta0))
+        return summarize(result) | result.details
 
     def _on_progress(self, d: dict) -> None:
         tick = d["tick"]
