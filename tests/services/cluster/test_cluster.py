@@ -64,8 +64,7 @@ def test_cnn_float32_job_is_bit_identical_too(cluster, tmp_path):
 
     write_fake_fashion_mnist(tmp_path, n_train=100, n_test=50, seed=0)
     config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=3,
-                       max_ticks=30, eval_every=15, target_accuracy=None, seed=3, label_smoothing=0.01,
-                       weight_decay=0.1)
+                       max_ticks=30, eval_every=15, target_accuracy=None, seed=3)
     summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
     result, theta0, trail = engine_reference(config)
     assert theta0.dtype == np.float32
@@ -82,10 +81,31 @@ def test_link_models_apply_identically_on_the_cluster(cluster):
 
 def test_imperfections_and_compensation_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, cost_noise=0.01, update_noise=0.002, device_variation=0.2,
-                       correlation="untagged", delay=1, compensation=1, seed=4, weight_decay=0.05,
-                       eta_decay_ticks=50)
+                       correlation="untagged", delay=1, compensation=1, seed=4)
     summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
     _assert_identical(summary, config)
+
+
+def test_weight_decay_eta_decay_and_the_c_tilde_clip_apply_identically_on_the_cluster(cluster):
+    config = JobConfig(nodes=3, seeds=2, max_ticks=300, seed=6, weight_decay=0.05, eta_decay_ticks=50,
+                       c_tilde_limit=0.01)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _assert_identical(summary, config)
+
+
+def test_label_smoothing_of_a_cnn_job_applies_identically_on_the_cluster(cluster, tmp_path):
+    from services.evaluator.data import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path, n_train=100, n_test=50, seed=0)
+    config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=2,
+                       max_ticks=20, eval_every=10, target_accuracy=None, seed=3, label_smoothing=0.1,
+                       weight_decay=0.1)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    _, theta0, trail = engine_reference(config)
+    np.testing.assert_array_equal(np.array(summary["theta0"], dtype=np.float32), theta0)
+    assert summary["trail"] == trail
+    plain, _, _ = engine_reference(config.replace(label_smoothing=0.0))
+    assert not np.array_equal(plain.final_cost, np.array(summary["final_cost"]))  # the option did act
 
 
 def test_bad_job_is_refused_with_the_field_named(cluster):
