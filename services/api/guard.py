@@ -16,6 +16,12 @@ import json
 # The largest body any route takes is a job config (a few kB with per-node link overrides).
 MAX_BODY = 1 << 20
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+AUTH_DETAIL = "authorization: a valid 'Bearer <token>' header is required"
+
+
+def bearer_ok(header: bytes, token: str) -> bool:
+    """Does an ``Authorization`` header carry ``Bearer <token>``? (Constant time; no token: open.)"""
+    return not token or hmac.compare_digest(header, f"Bearer {token}".encode())
 
 
 def _answer(status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()):
@@ -36,9 +42,8 @@ class Guard:
         if scope["type"] != "http" or scope["method"] not in MUTATING:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.token and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
-            return await self._send(send, 401, "authorization: a valid 'Bearer <token>' header is required",
-                                    [(b"www-authenticate", b"Bearer")])
+        if not bearer_ok(headers.get(b"authorization", b""), self.token):
+            return await self._send(send, 401, AUTH_DETAIL, [(b"www-authenticate", b"Bearer")])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
             return await self._send(send, 413, f"request body: at most {MAX_BODY:,} bytes")

@@ -4,13 +4,13 @@ domain error the controller raises (``services/api/errors.py``)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from ..errors import EvaluatorFailed, InvalidJob, JobConflict, JobError, JobNotFound
+from ..guard import AUTH_DETAIL, bearer_ok
 from ..jobs import Jobs
 from ..settings import ApiSettings
 from ..telemetry import Metrics
@@ -36,12 +36,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 def authorize(request: Request, settings: SettingsDep) -> None:
     """With a token configured, a mutating request must carry ``Authorization: Bearer <token>``
     (compared in constant time); reads stay open."""
-    if not settings.token:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {settings.token}".encode()):
-        raise HTTPException(401, "authorization: a valid 'Bearer <token>' header is required",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if not bearer_ok(request.headers.get("authorization", "").encode(), settings.token):
+        raise HTTPException(401, AUTH_DETAIL, headers={"WWW-Authenticate": "Bearer"})
 
 
 Authorized = Depends(authorize)
