@@ -32,9 +32,9 @@ import sys
 from fastapi import FastAPI
 
 from pmgd_node.shell.settings import parse
+from services.http_edge import Guard
 
 from .errors import JobError
-from .guard import Guard
 from .jobs import Jobs
 from .routes import ROUTERS
 from .routes.deps import job_error_handler

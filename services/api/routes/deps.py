@@ -9,8 +9,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from services.http_edge import AUTH_DETAIL, bearer_ok
+
 from ..errors import EvaluatorFailed, InvalidJob, JobConflict, JobError, JobNotFound
-from ..guard import AUTH_DETAIL, bearer_ok
 from ..jobs import Jobs
 from ..settings import ApiSettings
 from ..telemetry import Metrics

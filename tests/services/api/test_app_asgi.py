@@ -165,7 +165,7 @@ def test_the_job_controller_and_scoring_are_free_of_http_and_sockets():
 
 @pytest.mark.asyncio
 async def test_the_token_is_checked_before_the_body_and_bodies_are_capped(client):
-    from services.api.guard import MAX_BODY
+    from services.http_edge import MAX_BODY
 
     r = await client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 401  # a stranger's malformed body: refused for the token, never parsed
