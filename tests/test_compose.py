@@ -555,6 +555,7 @@ def test_parsed_settings_are_the_compose_topology(compose):
     assert s["broadcaster"].evaluator == "tcp://evaluator:5560"
     assert s["api"].evaluator == "http://evaluator:8001"
     assert s["api"].token == "change-me"  # ${PMGD_API_TOKEN:-change-me}, host variable unset
+    assert s["evaluator"].token == s["api"].evaluator_token == "change-me"  # the one token the API sends it
     assert (s["broadcaster"].metrics_port, s["node"].metrics_port) == (9101, 9102)
 
 

@@ -54,3 +54,9 @@ def test_the_node_core_imports_neither_zmq_nor_its_shell_nor_services():
     core = [f for f in files("pmgd_node") if f != "pmgd_node/__main__.py"]  # `python -m pmgd_node` starts the shell
     assert "pmgd_node/node.py" in core and "pmgd_node/shell/process.py" not in core
     assert offending(core, ("zmq", "pmgd_node.shell", "services", "prometheus_client", "torch")) == {}
+
+
+def test_the_evaluator_imports_nothing_of_the_api():
+    # The API calls the evaluator; what both serve at their HTTP edge is services/http_edge.py.
+    assert offending(files("services/evaluator"), ("services.api",)) == {}
+    assert "services.http_edge.Guard" in imports("services/evaluator/service.py")

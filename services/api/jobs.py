@@ -45,7 +45,7 @@ from services.cluster.client import fit_to_cluster
 from services.evaluator.gradient_angle import angle_degrees
 
 from .errors import EvaluatorFailed, InvalidJob, JobConflict, JobError, JobNotFound
-from .scoring import remote_score, score_in_process
+from .scoring import EvaluatorService, score_in_process
 from .settings import ApiSettings
 from .store import STATES, Store, UnknownJob
 
@@ -116,7 +116,7 @@ class Run(threading.Thread):
     """One active job. ``state`` follows the store's; the thread ends in a final state."""
 
     def __init__(self, store: Store, job: dict, on_flush: Callable[[str, dict], None] | None = None,
-                 evaluator: str = ""):
+                 evaluator: EvaluatorService | None = None):
         super().__init__(name=f"job-{job['id']}", daemon=True)
         self.evaluator = evaluator
         self._scoring: threading.Thread | None = None
@@ -137,7 +137,7 @@ class Run(threading.Thread):
 
     def _score(self, tick: int, npz: bytes) -> None:
         try:
-            report = remote_score(self.evaluator, self.config, npz, split="test")
+            report = self.evaluator.score(self.config, npz, split="test")
         except (EvaluatorFailed, ValueError) as err:  # unreachable, refused, or not JSON
             self.store.log(self.id, f"held-out scoring at tick {tick} failed: {err}")
             return
@@ -249,7 +249,8 @@ class LocalRun(Run):
 class ClusterRun(Run):
     """The job on a cluster: submitted to the broadcaster at ``control``; re-attaches by job id."""
 
-    def __init__(self, store: Store, job: dict, control: str, on_flush=None, evaluator: str = ""):
+    def __init__(self, store: Store, job: dict, control: str, on_flush=None,
+                 evaluator: EvaluatorService | None = None):
         super().__init__(store, job, on_flush, evaluator)
         self.control = control
 
@@ -316,6 +317,7 @@ class Jobs:
 
     def __init__(self, settings: ApiSettings, metrics: Metrics):
         self.s = settings
+        self.evaluator = EvaluatorService(settings.evaluator, settings.evaluator_token) if settings.evaluator else None
         self.store = Store(settings.db)
         self.metrics = metrics
         self.runs: dict[str, Run] = {}
@@ -367,8 +369,8 @@ class Jobs:
         job = self.get(job_id)
         tick, npz = self.checkpoint(job_id)
         config = JobConfig.from_dict(job["config"])
-        if self.s.evaluator:
-            return remote_score(self.s.evaluator, config, npz, split, run, limit)
+        if self.evaluator is not None:
+            return self.evaluator.score(config, npz, split, run, limit)
         return dict(score_in_process(config, npz, split, run, limit), job=job_id, tick=tick, split=split)
 
     def ping(self) -> None:
@@ -415,11 +417,11 @@ class Jobs:
                 raise JobConflict("engine: this API has no cluster (start it with --broadcaster ENDPOINT)")
             if any(isinstance(r, ClusterRun) for r in active):
                 raise JobConflict("engine: the cluster runs one job at a time and is busy")
-            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.s.evaluator)
+            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.evaluator)
         else:
             if sum(isinstance(r, LocalRun) for r in active) >= self.s.max_local_jobs:
                 raise JobConflict(f"engine: {self.s.max_local_jobs} local jobs are running already")
-            run = LocalRun(self.store, job, self.metrics.job_flushed, self.s.evaluator)
+            run = LocalRun(self.store, job, self.metrics.job_flushed, self.evaluator)
         run.set_state("running", "started" if job["state"] == "created" else "resuming")
         self.runs[job["id"]] = run
         run.start()

@@ -2,41 +2,57 @@
 
 ``POST /jobs/{id}/evaluate`` uses one or the other (the evaluator when the API was started
 with ``--evaluator URL``), and a run's held-out series (``jobs.py``) uses the service. Every
-call of the evaluator service goes through :func:`remote_score`, on httpx (the ``pmgd jobs``
-client in ``client.py`` is the API's own client, on the standard library). No HTTP types
-leave this module: a failure is an :class:`~.errors.EvaluatorFailed` or an
-:class:`~.errors.InvalidJob`.
+call of the evaluator service goes through :meth:`EvaluatorService.score`, on httpx, with the
+evaluator's bearer token (``--evaluator-token``) when it has one (the ``pmgd jobs`` client in
+``client.py`` is the API's own client, on the standard library). No HTTP types leave this
+module: a failure is an :class:`~.errors.EvaluatorFailed` or an :class:`~.errors.InvalidJob`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from pmgd_node.config import JobConfig
 
 from .errors import EvaluatorFailed, InvalidJob
 
 
-def remote_score(base: str, config: JobConfig, npz: bytes, split: str = "test", run: int = 0, limit: int = 0,
-                 timeout_s: float = 600.0) -> dict:
-    """The evaluator service at ``base`` scores run ``run`` of the checkpoint ``npz``
-    (``POST /evaluate/checkpoint``); its report as it answered it.
+@dataclasses.dataclass(frozen=True)
+class EvaluatorService:
+    """The evaluator service at ``url`` (``pmgd evaluator``'s HTTP face), called with
+    ``Authorization: Bearer <token>`` when ``token`` is set."""
 
-    Raises :class:`EvaluatorFailed`: without ``status`` when the service cannot be reached,
-    with its HTTP status and ``detail`` when it refuses.
-    """
-    import httpx
+    url: str
+    token: str = ""
 
-    params = {"task": config.task, "network": config.network, "split": split, "run": run,
-              "limit": limit, "data_dir": config.data_dir or ""}
-    try:
-        r = httpx.post(base.rstrip("/") + "/evaluate/checkpoint", params=params, content=npz, timeout=timeout_s,
-                       headers={"content-type": "application/octet-stream"})
-    except httpx.HTTPError as err:
-        raise EvaluatorFailed(f"evaluator {base}: {err}") from None
-    if r.status_code >= 400:
-        is_json = r.headers.get("content-type", "").startswith("application/json")
-        detail = r.json().get("detail", r.text) if is_json else r.text
-        raise EvaluatorFailed(f"evaluator: {detail}", r.status_code)
-    return r.json()
+    def score(self, config: JobConfig, npz: bytes, split: str = "test", run: int = 0, limit: int = 0,
+              timeout_s: float = 600.0) -> dict:
+        """Run ``run`` of the checkpoint ``npz`` scored by the service (``POST
+        /evaluate/checkpoint``); its report as it answered it.
+
+        Raises :class:`EvaluatorFailed`: without ``status`` when the service cannot be reached or
+        refuses this API's token (the API's setting, not the client's request, is at fault), with
+        its HTTP status and ``detail`` when it refuses the request.
+        """
+        import httpx
+
+        params = {"task": config.task, "network": config.network, "split": split, "run": run,
+                  "limit": limit, "data_dir": config.data_dir or ""}
+        headers = {"content-type": "application/octet-stream"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        try:
+            r = httpx.post(self.url.rstrip("/") + "/evaluate/checkpoint", params=params, content=npz,
+                           timeout=timeout_s, headers=headers)
+        except httpx.HTTPError as err:
+            raise EvaluatorFailed(f"evaluator {self.url}: {err}") from None
+        if r.status_code >= 400:
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            detail = r.json().get("detail", r.text) if is_json else r.text
+            if r.status_code == 401:
+                raise EvaluatorFailed(f"evaluator {self.url} refused this API's evaluator_token: {detail}")
+            raise EvaluatorFailed(f"evaluator: {detail}", r.status_code)
+        return r.json()
 
 
 def score_in_process(config: JobConfig, npz: bytes, split: str = "test", run: int = 0, limit: int = 0) -> dict:

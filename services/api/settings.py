@@ -20,5 +20,6 @@ class ApiSettings:
     token: str = ""  # bearer token for mutating requests ("" = open)
     broadcaster: str = ""  # control endpoint of the cluster ("" = local engine only)
     evaluator: str = ""  # base URL of the evaluator service ("" = score checkpoints in-process)
+    evaluator_token: str = ""  # the evaluator's bearer token, sent with every scoring request ("" = none)
     data_dir: str = ""  # default data directory for jobs that name none
     max_local_jobs: int = 2  # local-engine jobs running at once (each takes a core)

@@ -80,6 +80,7 @@ class EvaluatorSettings:
     http_port: int = 8001  # 0 = no HTTP, the cost hop alone
     data_dir: str = ""  # data sets for requests that name none; requests may name only it or data_roots
     data_roots: str = ""  # further directories requests may name, separated by os.pathsep (':')
+    token: str = ""  # bearer token for POST /evaluate… over HTTP ("" = open; services/http_edge.py)
 
 
 class CostServer:

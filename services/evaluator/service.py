@@ -18,6 +18,11 @@ the loader's message when the data set is missing or unreadable (field ``data_di
 
 * ``GET /metrics``: Prometheus text of the app's own registry (names in :class:`Metrics`).
 
+With ``settings.token`` set, the POSTs need ``Authorization: Bearer <token>``: 401 before any
+of the body is read, as the API does (:class:`services.http_edge.Guard`); ``/health`` and
+``/metrics`` stay open for health checks and Prometheus. Bodies are capped at
+:data:`MAX_BODY` (413). Every refusal is documented in ``/openapi.json``.
+
 Models and data splits are built on first use and kept in a small LRU keyed by
 (task, network, split, data_dir) of ``settings.max_jobs`` entries. ``init_scale`` is
 validated like a job's but cannot change a score (it only scales a fresh initialisation).
@@ -38,7 +43,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict
 
-from pmgd_node.config import ConfigError, JobConfig
+from pmgd_node.config import MAX_JOB_VALUES, ConfigError, JobConfig
+from services.http_edge import Guard, refusals
 
 from .data import Dataset, DatasetError, OutsideRoots, confine, data_roots, load
 from .inference import InvalidInput, load_checkpoint, score
@@ -46,6 +52,12 @@ from .models import Model, build_model
 
 SPLITS = ("test", "train")
 ENDPOINTS = ("/health", "/evaluate", "/evaluate/checkpoint", "/metrics")
+# The largest body is a local job's checkpoint as the API stores and sends it: θ⁰ and the
+# gradient state, float64, at most MAX_JOB_VALUES values each; base64 in /evaluate adds a third.
+MAX_BODY = 2 * MAX_JOB_VALUES * 8 * 4 // 3 + (1 << 20)
+# What /evaluate… may refuse: a body that is not text, the token, the body's size, a directory
+# outside the roots, data missing or unreadable, a bad value (422 {"detail", "field"}, or FastAPI's list).
+REFUSALS = refusals(400, 401, 403, 404, 413, 422)
 
 
 class EvaluateRequest(BaseModel):
@@ -166,7 +178,8 @@ def _job_config(task: str, network: str, data_dir: str, init_scale: float) -> Jo
 
 
 def create_app(settings) -> FastAPI:
-    """The inference service for ``settings`` (an ``EvaluatorSettings``: device, data_dir, max_jobs).
+    """The inference service for ``settings`` (an ``EvaluatorSettings``: device, data_dir, data_roots,
+    max_jobs, token).
 
     ``app.state.metrics`` is the :class:`Metrics` object; ``app.state.device`` the resolved device."""
     import torch
@@ -231,7 +244,7 @@ def create_app(settings) -> FastAPI:
     def health() -> dict:
         return {"status": "ok", "device": device, "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
-    @app.post("/evaluate")
+    @app.post("/evaluate", responses=REFUSALS)
     def evaluate_json(body: EvaluateRequest) -> dict:
         if (body.theta is None) == (body.checkpoint is None):
             raise _Rejected(422, "theta", "theta/checkpoint: give exactly one of 'theta' (a list of P numbers) "
@@ -245,14 +258,17 @@ def create_app(settings) -> FastAPI:
         return evaluate(body.task, body.network, body.split, body.data_dir, body.run, body.limit, body.init_scale,
                         theta=body.theta, npz=npz)
 
-    @app.post("/evaluate/checkpoint")
+    # The body is the raw .npz, read by hand: the spec says so itself.
+    @app.post("/evaluate/checkpoint", responses=REFUSALS, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def evaluate_checkpoint(request: Request, task: str = Query(...), split: str = "test", network: str = "",
                                   data_dir: str = "", run: int = 0, limit: int = 0, init_scale: float = 1.0) -> dict:
         npz = await request.body()
         return await run_in_threadpool(evaluate, task, network, split, data_dir, run, limit, init_scale, npz=npz)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(Guard, token=settings.token, max_body=MAX_BODY)  # outermost: before any body is read
     return app

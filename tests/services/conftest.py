@@ -1,5 +1,6 @@
 """What the tests of more than one service share: the schemathesis run over a live service's
-own OpenAPI spec (the API's in ``api/test_openapi_fuzz.py``)."""
+own OpenAPI spec (the API's in ``api/test_openapi_fuzz.py``, the evaluator's in
+``evaluator/test_evaluator_openapi_fuzz.py``)."""
 
 import pytest
 

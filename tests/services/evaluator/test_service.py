@@ -5,6 +5,7 @@ Every test talks to a real ``python -m services.cli evaluator`` subprocess over 
 """
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -22,11 +23,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pmgd_node.config import JobConfig
+from services.api.errors import EvaluatorFailed
+from services.api.scoring import EvaluatorService
 from services.cluster.launcher import free_port
 from services.evaluator import data as D
 from services.evaluator import models as M
 from services.evaluator.backprop import train_sgd
 from services.evaluator.remote import RemoteCost
+from services.evaluator.service import MAX_BODY
+from services.http_edge import AUTH_DETAIL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 XOR_BIPOLAR = [20.0, 20.0, 20.0, 20.0, 20.0, -20.0, 20.0, -20.0, -10.0]  # see test_inference.py
@@ -79,12 +84,15 @@ class Evaluator:
         return self.proc.returncode
 
 
-def request(url, body=None, content_type="application/json", method=None):
-    """(status, parsed JSON or text) of one HTTP request; 4xx/5xx are returned, not raised."""
+def request(url, body=None, content_type="application/json", method=None, token=""):
+    """(status, parsed JSON or text) of one HTTP request, with ``Authorization: Bearer <token>``
+    when ``token`` is set; 4xx/5xx are returned, not raised."""
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
     if data is not None:
         req.add_header("Content-Type", content_type)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             status, raw, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
@@ -305,3 +313,49 @@ def test_taken_http_port_warns_and_keeps_serving_the_cost_hop(tmp_path):
             assert "WARNING: cannot bind the HTTP inference service" in ev.output()
         finally:
             assert ev.stop() == 0, ev.output()
+
+
+@pytest.mark.slow
+def test_with_a_token_the_posts_need_it_before_any_body_is_read(tmp_path):
+    token = "s3cret"
+    ev = Evaluator(tmp_path / "evaluator.log", f"--token={token}")
+    try:
+        ev.wait_http()  # /health stays open, and so does /metrics (Prometheus scrapes it)
+        assert "pmgd_evaluator_requests_total" in get(ev.url + "/metrics")
+        parity = {"task": "parity2", "theta": XOR_BIPOLAR}
+        npz = npz_like_the_store(np.array([XOR_BIPOLAR]), 7)
+        for sent in ("", "wrong", token + "x"):
+            for status, body in (request(ev.url + "/evaluate", parity, token=sent),
+                                 request(ev.url + "/evaluate", b"{not json", token=sent),  # never parsed: 401, not 422
+                                 request(ev.url + "/evaluate/checkpoint?task=parity2", npz, "application/octet-stream",
+                                         token=sent)):
+                assert (status, body) == (401, {"detail": AUTH_DETAIL}), (sent, status, body)
+        status, body = request(ev.url + "/evaluate", parity, token=token)
+        assert status == 200 and body["accuracy"] == 1.0, body
+        status, body = request(ev.url + "/evaluate/checkpoint?task=parity2", npz, "application/octet-stream",
+                               token=token)
+        assert status == 200 and body["tick"] == 7, body
+        assert request(ev.url + "/evaluate", b"{not json", token=token)[0] == 422  # with it, the body is read
+
+        # A body larger than any checkpoint a job can have: refused on its declared length, unread.
+        conn = http.client.HTTPConnection("127.0.0.1", ev.http_port, timeout=30)
+        for sent, expect in (("", 401), (token, 413)):
+            conn.putrequest("POST", "/evaluate/checkpoint?task=parity2")
+            conn.putheader("Content-Length", str(MAX_BODY + 1))
+            conn.putheader("Authorization", f"Bearer {sent}")
+            conn.endheaders()
+            r = conn.getresponse()
+            assert r.status == expect, (sent, r.status)
+            assert json.loads(r.read())["detail"] in (AUTH_DETAIL, f"request body: at most {MAX_BODY:,} bytes")
+            conn.close()
+
+        # The API's side: it sends its evaluator_token; without the right one the scoring fails
+        # as the API's own fault (no status: a 502 to its client), not as the client's 401.
+        config = JobConfig(task="parity2")
+        assert EvaluatorService(ev.url, token).score(config, npz)["accuracy"] == 1.0
+        for sent in ("", "wrong"):
+            with pytest.raises(EvaluatorFailed, match="evaluator_token") as err:
+                EvaluatorService(ev.url, sent).score(config, npz)
+            assert err.value.status is None
+    finally:
+        assert ev.stop() == 0, ev.output()
