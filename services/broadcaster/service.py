@@ -8,10 +8,12 @@ Sockets (all bound; endpoints are settings):
 * PUB ``cost``: C̃ per tick on the topic ``cost/<job>``, plus job control (pause, stop).
 
 One job runs at a time (one chip). Nodes that miss their heartbeats for
-``heartbeat_timeout_s`` are declared lost: a running job pauses, and once enough nodes are
-available again every shard restarts from the job's last checkpoint (see ``job.JobRun``).
-With ``state_dir`` set, each checkpoint is also written to disk and a restarted broadcaster
-resumes the unfinished job from it as soon as the nodes re-join.
+``heartbeat_timeout_s``, or do not take up an assigned shard within it, are declared lost: a
+running job pauses, and once enough nodes are available again every shard restarts from the
+job's last checkpoint (see ``job.JobRun``). With ``state_dir`` set, each checkpoint is also
+written to disk and a restarted broadcaster resumes the unfinished job from it as soon as the
+nodes re-join, under one new epoch: what they queued while it was down (heartbeats, Joins)
+starts no further rollback.
 """
 
 from __future__ import annotations
@@ -107,8 +109,11 @@ class BroadcasterMetrics:
 class NodeInfo:
     identity: bytes
     last_seen: float
+    pid: int = 0  # the process that joined: a Join from another pid is a new process
     shard: int = -1  # shard of the current job, −1 when idle
     dropped: int = 0  # malformed frames the node reports having dropped
+    assigned_at: float = 0.0  # when its shard's Assign was sent
+    took_up: bool = False  # a heartbeat under the job's epoch came after that Assign
 
 
 class Broadcaster:
@@ -124,6 +129,7 @@ class Broadcaster:
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(ep)
         self.nodes: dict[str, NodeInfo] = {}
+        self._asked_to_join: dict[str, float] = {}  # unknown node → when we last answered it "rejoin"
         self.job: JobRun | None = None
         self.client: bytes | None = None
         self.state = "idle"  # idle · waiting (for nodes) · running · paused
@@ -234,8 +240,7 @@ class Broadcaster:
             # Async keeps ticking with a lost node's last shard; a newcomer takes the shard
             # over from that shard's newest checkpoint, and nobody else restarts.
             for k, node in zip(missing, idle):
-                node.shard = k
-                self._to(node.identity, job.reassign(k))
+                self._assign(node, k, job.reassign(k))
                 self._log(f"job {job.id}: shard {k} reassigned to a new node")
             return
         if len(idle) < len(missing):
@@ -245,12 +250,16 @@ class Broadcaster:
         self.sent.clear()
         by_shard = {n.shard: n for n in self.nodes.values() if n.shard >= 0}
         for msg in job.assignments():
-            self._to(by_shard[msg.shard].identity, msg)
+            self._assign(by_shard[msg.shard], msg.shard, msg)
         # A pause may still be on its way over PUB while these Assigns overtake it on ROUTER:
         # it carries the old epoch, so the nodes ignore it.
         self.state, self.pause_reason = "running", ""
         self._last_publish = self._next_tick_at = time.monotonic()
         self._log(f"job {job.id}: running from tick {job.tick} (epoch {job.epoch})")
+
+    def _assign(self, node: NodeInfo, shard: int, msg: p.Assign) -> None:
+        node.shard, node.assigned_at, node.took_up = shard, time.monotonic(), False
+        self._to(node.identity, msg)
 
     def _finish(self) -> None:
         job = self.job
@@ -317,21 +326,34 @@ class Broadcaster:
             return
         now = time.monotonic()
         if isinstance(msg, p.Join):
+            self._asked_to_join.pop(msg.node_id, None)
             old = self.nodes.get(msg.node_id)
             if old is not None and old.shard >= 0 and self.job is not None:
+                if msg.pid == old.pid and not old.took_up:
+                    # The same process, and it has not yet heard its Assign: the Join left before
+                    # the Assign arrived (queued while we were down, or the answer to a "rejoin"
+                    # sent before the Assign), and the Assign replaces all of its state, so
+                    # nothing was lost. Not taking the shard up in time still loses it (run).
+                    self._log(f"node {msg.node_id}: join from before its assignment ignored")
+                    return
                 self._lose(msg.node_id, "re-joined")  # it lost its state: treat as a replacement
-            self.nodes[msg.node_id] = NodeInfo(identity, now)
+            self.nodes[msg.node_id] = NodeInfo(identity, now, msg.pid)
             self._log(f"node {msg.node_id} joined ({len(self.nodes)} alive)")
             if self.job is not None and (self.state in ("waiting", "paused") or self.job.asynchronous):
                 self._try_start()
         elif isinstance(msg, p.Heartbeat):
             info = self.nodes.get(msg.node_id)
             if info is None:
-                self._to(identity, p.Control(msg.job, "rejoin", reason="unknown node: join first"))
+                # After our restart a node's queued heartbeats arrive in a burst: ask it once per
+                # heartbeat timeout, not once each (a Join lost on the way is asked for again).
+                if now - self._asked_to_join.get(msg.node_id, -np.inf) > self.s.heartbeat_timeout_s:
+                    self._asked_to_join[msg.node_id] = now
+                    self._to(identity, p.Control(msg.job, "rejoin", reason="unknown node: join first"))
                 return
             info.last_seen = now
             info.dropped = msg.dropped
             if self.job is not None and msg.job == self.job.id and msg.epoch == self.job.epoch:
+                info.took_up = True
                 frames_c = self.sent.get(msg.tick)
                 if frames_c is not None:  # it missed this C̃ on PUB/SUB: send it directly
                     self.router.send_multipart([identity] + frames_c[1:], copy=False)
@@ -498,6 +520,12 @@ class Broadcaster:
                 for node_id, info in list(self.nodes.items()):
                     if now - info.last_seen > self.s.heartbeat_timeout_s:
                         self._lose(node_id, f"no heartbeat for {self.s.heartbeat_timeout_s:g} s")
+                    elif info.shard >= 0 and not info.took_up and now - info.assigned_at > self.s.heartbeat_timeout_s:
+                        # e.g. it restarted under the same pid (a container's) and its Join was
+                        # taken for one from before the Assign: it never runs the shard.
+                        self._lose(node_id, f"shard {info.shard} not taken up within {self.s.heartbeat_timeout_s:g} s")
+                self._asked_to_join = {k: t for k, t in self._asked_to_join.items()
+                                       if now - t <= self.s.heartbeat_timeout_s}
                 self.metrics.refresh(self.state, self.nodes, now)
         self.close()
         return 0
