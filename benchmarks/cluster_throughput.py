@@ -33,6 +33,10 @@ evaluations on ``eval_samples`` = 2 samples are included and cost little). One s
 first warms every process. Each table row alternates (compute, cluster, raw) ``--repeats``
 times on one LocalCluster and reports medians.
 
+The cluster runs as deployed, its links authenticated and encrypted with CurveZMQ (fresh
+keys per LocalCluster). ``--plain`` also runs, in the same rounds, a second cluster without
+keys and reports what CURVE costs (cluster ticks/s without ÷ with); the raw loop is plain.
+
 Run small: ``--nodes 1,2 --sizes 9 --ticks-small 500``. ``--cluster-env OMP_NUM_THREADS=1``
 gives the cluster processes (and the in-process compute timing) one torch thread.
 """
@@ -170,7 +174,7 @@ def run_cluster(cluster, P: int, nodes: int, seeds: int, ticks: int, warmup: int
             points.append((d["tick"], time.perf_counter(), [process_cpu(pid) for pid in pids]))
 
     config = job_config(P, nodes, seeds, warmup + ticks, warmup, data_dir)
-    summary = run_job(config, cluster.endpoints["control"], on_progress, timeout_s=1800)
+    summary = run_job(config, cluster.endpoints["control"], on_progress, timeout_s=1800, keys=cluster.keys)
     t_end = time.perf_counter()  # the final result leaves right after the last evaluation
     cpu_end = [process_cpu(pid) for pid in pids]
     (t_first, s_first, cpu_first) = points[0]
@@ -232,8 +236,11 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
 
 # ------------------------------------------------------------------------------------ driver
 def measure(P: int, N: int, seeds: int, ticks: int, warmup: int, repeats: int, data_dir: str,
-            cluster_env: dict | None = None) -> dict:
-    """One table row: ``repeats`` rounds of (in-process compute, cluster job, raw loop); medians."""
+            cluster_env: dict | None = None, plain: bool = False) -> dict:
+    """One table row: ``repeats`` rounds of (in-process compute, cluster job, [cluster job
+    without keys,] raw loop); medians."""
+    import contextlib
+
     import numpy as np
 
     from pmgd_node.sharding import shard_ranges
@@ -241,14 +248,20 @@ def measure(P: int, N: int, seeds: int, ticks: int, warmup: int, repeats: int, d
 
     shard = shard_ranges(P, N)[0][1]  # the largest shard
     load_before = os.getloadavg()[0]
-    compute, cl, raw = [], [], []
+    compute, cl, cl_plain, raw = [], [], [], []
     # A long heartbeat timeout: the broadcaster is deaf while it builds a job (torch import,
     # data); with the default 2 s the nodes could re-join during the warm-up job.
-    with LocalCluster(N, heartbeat_timeout_s=10.0, env=cluster_env) as cluster:
-        run_cluster(cluster, P, N, seeds, max(10, warmup), 5, data_dir)  # every process warm
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(LocalCluster(N, heartbeat_timeout_s=10.0, env=cluster_env))
+        bare = stack.enter_context(LocalCluster(N, heartbeat_timeout_s=10.0, env=cluster_env, keys="")) \
+            if plain else None
+        for c in (cluster, bare) if plain else (cluster,):
+            run_cluster(c, P, N, seeds, max(10, warmup), 5, data_dir)  # every process warm
         for _ in range(repeats):
             compute.append(tick_compute(P, N, seeds, data_dir, min(ticks, 500)))
             cl.append(run_cluster(cluster, P, N, seeds, ticks, warmup, data_dir))
+            if plain:
+                cl_plain.append(run_cluster(bare, P, N, seeds, ticks, warmup, data_dir))
             raw.append(run_raw(N, seeds, shard, ticks, warmup))
     med = lambda xs: float(np.median(xs))  # noqa: E731
     c_rate, r_rate = med([m["ticks_per_s"] for m in cl]), med([m["ticks_per_s"] for m in raw])
@@ -262,8 +275,11 @@ def measure(P: int, N: int, seeds: int, ticks: int, warmup: int, repeats: int, d
             "raw_cpu_us": [per_tick(raw, "broadcaster_cpu_s"), per_tick(raw, "nodes_cpu_s")],
             "broadcaster_compute_ms": 1e3 * t_b, "node_compute_ms": 1e3 * t_n,
             "compute_share": c_rate * (t_b + t_n), "ideal_ticks_per_s": ideal, "ratio_to_ideal": c_rate / ideal,
-            "cluster_env": cluster_env or {}, "load_before": load_before, "cluster": cl, "raw": raw,
-            "compute": compute}
+            "plain_ticks_per_s": med([m["ticks_per_s"] for m in cl_plain]) if plain else None,
+            "plain_cpu_us": [per_tick(cl_plain, "broadcaster_cpu_s"), per_tick(cl_plain, "nodes_cpu_s")]
+            if plain else None,
+            "cluster_env": cluster_env or {}, "load_before": load_before, "cluster": cl, "cluster_plain": cl_plain,
+            "raw": raw, "compute": compute}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="alternate cluster and raw this many times; report medians")
     ap.add_argument("--cluster-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the cluster processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
+    ap.add_argument("--plain", action="store_true",
+                    help="also run a cluster without CurveZMQ keys in the same rounds: the cost of CURVE")
     ap.add_argument("--json", default=os.path.join(ROOT, "out", "cluster_throughput.json"))
     args = ap.parse_args(argv)
     cluster_env = dict(kv.split("=", 1) for kv in args.cluster_env)
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             ticks = args.ticks_small if P == 9 else args.ticks_large
             warmup = args.warmup or max(10, ticks // 10)
             for N in node_counts:
-                rows.append(measure(P, N, args.seeds, ticks, warmup, args.repeats, data_dir, cluster_env))
+                rows.append(measure(P, N, args.seeds, ticks, warmup, args.repeats, data_dir, cluster_env,
+                                    args.plain))
                 r = rows[-1]
                 print(f"P={P:>6} N={N}: cluster {r['cluster_ticks_per_s']:8.1f}/s  raw {r['raw_ticks_per_s']:8.1f}/s  "
                       f"ratio {r['ratio']:.2f}  (CPU µs/tick cluster {r['cluster_cpu_us'][0]:.0f} + "
@@ -334,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['raw_cpu_us'][0]:,.0f} + {r['raw_cpu_us'][1]:,.0f} | "
               f"{r['broadcaster_compute_ms']:.3f} + {r['node_compute_ms']:.3f} | {100 * r['compute_share']:.0f} % | "
               f"{r['ideal_ticks_per_s']:,.0f} | {r['ratio_to_ideal']:.2f} |")
+    if args.plain:
+        print("\nThe cost of CurveZMQ (the same rounds, one cluster with keys and one without):\n")
+        print("| P | N | ticks/s without keys | ticks/s with keys | without ÷ with "
+              "| CPU µs/tick without (bcast + nodes) | with (bcast + nodes) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['P']:,} | {r['nodes']} | {r['plain_ticks_per_s']:,.0f} | {r['cluster_ticks_per_s']:,.0f} | "
+                  f"{r['plain_ticks_per_s'] / r['cluster_ticks_per_s']:.2f} | "
+                  f"{r['plain_cpu_us'][0]:,.0f} + {r['plain_cpu_us'][1]:,.0f} | "
+                  f"{r['cluster_cpu_us'][0]:,.0f} + {r['cluster_cpu_us'][1]:,.0f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"machine": {"node": platform.node(), "cores": cores, "python": platform.python_version(),

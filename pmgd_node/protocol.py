@@ -40,6 +40,9 @@ import numpy as np
 
 VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a (1000 runs × 26,154 params) float64 shard fits
+# Every integer field (ticks, epochs, shards, counts) lies within ±MAX_INT: far beyond any job
+# (max_ticks ≤ 10¹²), and a value that would pin state for ever (a tick of 2⁶²) never decodes.
+MAX_INT = 1 << 53
 _DTYPES = ("<f8", "<f4", "<i8")
 
 
@@ -338,6 +341,8 @@ def decode(frames: list[bytes]) -> Message:
         value = header[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError("field", f"{cls.TYPE}.{name} must be {kind.__name__}, got {type(value).__name__}")
+        if kind is int and not -MAX_INT <= value <= MAX_INT:
+            raise ProtocolError("field", f"{cls.TYPE}.{name} must be within ±2**53, got {value}")
         kwargs[name] = value
     msg = cls(**kwargs)
     if cls is Control and msg.command not in Control.COMMANDS:

@@ -16,6 +16,7 @@ import time
 import typing
 
 from pmgd_node.config import CHOICES, FIELD_HELP, ConfigError, JobConfig, read_mapping
+from pmgd_node.shell import keys as cluster_keys
 
 # What an empty default means, where printing the value itself would say nothing.
 _DEFAULT_MEANS = {
@@ -117,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local: the in-process engine; cluster: broadcaster and node processes over ZeroMQ")
     train.add_argument("--cluster", default="", metavar="ENDPOINT",
                        help="control endpoint of a running broadcaster (pmgd up); default: start a local cluster")
+    train.add_argument("--keys", default=os.environ.get("PMGD_KEYS", ""), metavar="DIR",
+                       help="the running cluster's key directory (default: $PMGD_KEYS; see pmgd keys)")
+    train.add_argument("--key-name", default=os.environ.get("PMGD_KEY_NAME", "client"), metavar="NAME",
+                       help="our key pair in it (default: $PMGD_KEY_NAME or client)")
     train.add_argument("--device", default=None, metavar="NAME",
                        help="torch device for the CNN models (default: cuda if available)")
     train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
@@ -147,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-api", dest="api", action="store_false", help="do not start the REST API")
     up.add_argument("--db", default="pmgd.sqlite", metavar="FILE", help="the API's SQLite file")
     up.add_argument("--metrics", action="store_true", help="serve Prometheus /metrics from every process")
+    up.add_argument("--keys", default=None, metavar="DIR",
+                    help="the cluster's key directory, made if it holds none (default: fresh keys in a temporary "
+                         "directory, removed at the end)")
+    keys = sub.add_parser("keys", help="make and manage the cluster's CurveZMQ keys", formatter_class=HelpFormatter)
+    keys.add_argument("action", choices=["init", "add", "revoke", "list"],
+                      help="init DIR: server and client keys; add DIR NAME: a new authorized client; "
+                           "revoke DIR NAME: refuse it from now on; list DIR: the authorized clients")
+    keys.add_argument("dir", metavar="DIR", help="the key directory")
+    keys.add_argument("name", nargs="?", default="", metavar="NAME", help="client name (add, revoke)")
+    keys.add_argument("--if-missing", action="store_true",
+                      help="init: do nothing (exit 0) when DIR already holds keys, e.g. at every container start")
     sub.add_parser("api", help="serve the REST API and the live dashboard", add_help=False)
     sub.add_parser("broadcaster", help="run the cost-broadcaster service", add_help=False)
     sub.add_parser("node", help="run one parameter-node process", add_help=False)
@@ -159,14 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace, started: float) -> int:
     fields = config_fields(args)
     config = JobConfig.from_dict(fields)  # a bad file or value stops here, before the heavy imports
+    keys = None
     if args.engine == "cluster" and args.cluster:
         from services.cluster.client import fit_to_cluster
 
-        config = JobConfig.from_dict(fit_to_cluster(fields, args.cluster))
+        keys = cluster_keys.load_optional(args.keys, args.key_name)
+        config = JobConfig.from_dict(fit_to_cluster(fields, args.cluster, keys=keys))
     from services.train import train_job  # heavy imports (torch) only once a command runs
 
     summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster,
-                        started=started)
+                        started=started, keys=keys)
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
@@ -219,7 +237,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError("nodes", f"must be an integer ≥ 1; got {args.nodes}", kind="option")
     cluster = LocalCluster(args.nodes, state_dir=args.state_dir, log_dir=args.log_dir,
                            remote_evaluator=args.remote_evaluator, api=args.api, api_db=args.db, metrics=args.metrics,
-                           say=lambda text: print(text, flush=True))
+                           say=lambda text: print(text, flush=True), keys=args.keys)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     # Ctrl-C raises KeyboardInterrupt even while starting: set here, since a shell that starts
@@ -228,6 +246,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         cluster.wait_ready()
+        if cluster.keys_dir:
+            print(f"{'keys':>9}  {cluster.keys_dir}  (export PMGD_KEYS={cluster.keys_dir} to reach this cluster)",
+                  flush=True)
         for name, endpoint in cluster.endpoints.items():
             print(f"{name:>9}  {endpoint}", flush=True)
         if cluster.api_url:
@@ -246,6 +267,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
         print("cluster stopped", flush=True)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``pmgd keys``: the key directory's life cycle (docs/security.md)."""
+    if args.action in ("add", "revoke") and not args.name:
+        raise ConfigError("name", f"pmgd keys {args.action} DIR NAME needs the client's name", kind="argument")
+    try:
+        if args.action == "init":
+            if not cluster_keys.init(args.dir, if_missing=args.if_missing):
+                print(f"keys already in {args.dir}: left as they are")
+                return 0
+            print(f"keys made in {args.dir}: give every service PMGD_KEYS={args.dir} (servers need "
+                  f"server.key_secret and authorized/; clients server.key and their own pair)")
+        elif args.action == "add":
+            cluster_keys.add(args.dir, args.name)
+            print(f"client {args.name} authorized: {args.dir}/{args.name}.key_secret (use PMGD_KEY_NAME={args.name})")
+        elif args.action == "revoke":
+            cluster_keys.revoke(args.dir, args.name)
+            print(f"client {args.name} revoked: new connections with its key are refused")
+        else:
+            for name in sorted(os.listdir(os.path.join(args.dir, cluster_keys.AUTHORIZED))):
+                if name.endswith(".key"):
+                    print(name[:-len(".key")])
+    except (ValueError, OSError) as err:
+        print(f"pmgd keys: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -280,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "study":
             return cmd_study(args)
+        if args.command == "keys":
+            return cmd_keys(args)
     except ConfigError as err:
         parser.exit(2, f"pmgd: error: {err}\n")
-    except (FileNotFoundError, RuntimeError, TimeoutError) as err:
+    except (FileNotFoundError, RuntimeError, TimeoutError, cluster_keys.KeysError) as err:
         parser.exit(1, f"pmgd: error: {err}\n")
     return 1
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pmgd_node.config import ConfigError, JobConfig
+from pmgd_node.shell.keys import Keys
 from services.chip.job import EvalPoint, JobResult
 
 RUNTIMES = ("local", "cluster")
@@ -26,19 +27,21 @@ OnEval = Callable[[EvalPoint, int], None]
 
 def run(config: JobConfig, runtime: str = "local", *, control: str = "", device: str | None = None,
         on_eval: OnEval | None = None, timeout_s: float = 24 * 3600.0, engine=None, job_id: str = "",
-        cancelled: Callable[[], bool] | None = None, on_progress: Callable[[dict], None] | None = None) -> JobResult:
+        cancelled: Callable[[], bool] | None = None, on_progress: Callable[[dict], None] | None = None,
+        keys: Keys | None = None) -> JobResult:
     """Run ``config`` to its stopping rule on ``runtime`` ("local" or "cluster").
 
     Local: ``engine`` continues an :class:`~services.engine.engine.Engine` the caller built
     (and perhaps restored from a checkpoint); by default a fresh one. Cluster: ``job_id``
     names the job on the broadcaster (re-submitting it re-attaches), ``cancelled()`` stops
     waiting for it, and ``on_progress(d)`` sees each raw progress message (per-tick reports,
-    checkpoints) besides ``on_eval``.
+    checkpoints) besides ``on_eval``; ``keys`` are the running cluster's (a local cluster
+    started here makes its own).
     """
     if runtime == "local":
         return _run_local(config, device, on_eval, engine)
     if runtime == "cluster":
-        return _run_cluster(config, control, on_eval, timeout_s, job_id, cancelled, on_progress)
+        return _run_cluster(config, control, on_eval, timeout_s, job_id, cancelled, on_progress, keys)
     raise ConfigError("engine", f"must be one of {', '.join(RUNTIMES)}; got {runtime!r}", kind="option")
 
 
@@ -52,7 +55,7 @@ def _run_local(config: JobConfig, device: str | None, on_eval: OnEval | None, en
 
 
 def _run_cluster(config: JobConfig, control: str, on_eval: OnEval | None, timeout_s: float, job_id: str = "",
-                 cancelled=None, on_progress=None) -> JobResult:
+                 cancelled=None, on_progress=None, keys: Keys | None = None) -> JobResult:
     from services.cluster.client import run_job
     from services.cluster.launcher import LocalCluster
 
@@ -69,10 +72,10 @@ def _run_cluster(config: JobConfig, control: str, on_eval: OnEval | None, timeou
 
     options = dict(timeout_s=timeout_s, job_id=job_id, cancelled=cancelled)
     if control:
-        summary = run_job(config, control, progress, **options)
+        summary = run_job(config, control, progress, keys=keys, **options)
     else:
         with LocalCluster(config.nodes) as cluster:
-            summary = run_job(config, cluster.endpoints["control"], progress, **options)
+            summary = run_job(config, cluster.endpoints["control"], progress, keys=cluster.keys, **options)
     return result_from_summary(config, summary, history)
 
 

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pmgd_node.config import JobConfig
+from pmgd_node.shell.keys import Keys
 from services import runtime
 from services.chip.job import HW_TIMESCALES, finite_median, summarize
 
@@ -80,12 +81,13 @@ def _at_most_every(seconds: float, show):
 
 def train_job(config: JobConfig, device: str | None = None, progress: bool = True,
               console: Console | None = None, engine: str = "local", cluster: str = "",
-              started: float | None = None) -> dict:
+              started: float | None = None, keys: Keys | None = None) -> dict:
     """Run ``config`` to its stopping rule; print progress and the summary; return the summary.
 
     ``engine`` "local" runs the in-process engine; "cluster" submits the job to the
     broadcaster at ``cluster`` (a control endpoint), or, when that is empty, to a local
-    cluster of ``config.nodes`` node processes started for this job and stopped after it.
+    cluster of ``config.nodes`` node processes started for this job and stopped after it;
+    ``keys`` are the running cluster's client keys.
 
     Two times, the same on both engines: ``wall_time_s`` is the run as the user waited for
     it, from ``started`` (a ``time.perf_counter()`` reading taken when the command began;
@@ -106,7 +108,7 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
 
     show = _at_most_every(0.1, show)
     try:
-        result = runtime.run(config, engine, control=cluster, device=device,
+        result = runtime.run(config, engine, control=cluster, device=device, keys=keys,
                              on_eval=lambda point, solved: show(point.tick, point.cost, point.accuracy, solved,
                                                                 config.seeds))
         summary = summarize(result)

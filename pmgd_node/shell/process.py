@@ -28,6 +28,7 @@ from .. import protocol as p
 from ..config import JobConfig
 from ..link import Clock, DelayLine, FateTable, Receiver, node_links
 from ..node import ParameterNode
+from . import keys as cluster_keys
 from .settings import parse, serve
 
 
@@ -44,6 +45,8 @@ class NodeSettings:
     resend_s: float = 0.5  # wait for a C̃ before asking the broadcaster for it directly
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "127.0.0.1"
+    keys: str = ""  # the cluster's key directory (pmgd keys init; "" = no CurveZMQ, loopback only)
+    key_name: str = "client"  # this node's key pair in it
 
     def with_node_id(self) -> NodeSettings:
         """These settings, with a host-and-pid node id when none was given."""
@@ -92,15 +95,18 @@ class NodeMetrics:
 class NodeProcess:
     def __init__(self, settings: NodeSettings):
         self.s = settings
+        keys = cluster_keys.load_optional(settings.keys, settings.key_name)
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.ROUTING_ID, settings.node_id.encode())
         self.weights = self.ctx.socket(zmq.PUSH)
         self.cost = self.ctx.socket(zmq.SUB)
+        self.handshake = cluster_keys.Handshake(self.control, settings.control, keys)
+        self._refused = ""  # the handshake failure last logged
         for sock, ep in ((self.control, settings.control), (self.weights, settings.weights),
                          (self.cost, settings.cost)):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(ep)
+            cluster_keys.connect(sock, ep, keys)
         self.cost.setsockopt(zmq.SUBSCRIBE, b"cost/")  # every job: late joiners lose nothing (see resend)
         self.dropped: dict[str, int] = {}
         self.metrics = NodeMetrics()
@@ -324,6 +330,7 @@ class NodeProcess:
                     last_heard = now
                     self._receive(frames[1:], self.COST_KINDS)  # after the topic; none left: 'empty'
             if now - last_beat >= self.s.heartbeat_s:
+                self._log_refusal()
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
                 last_beat = now
@@ -346,7 +353,16 @@ class NodeProcess:
         self.close()
         return 0
 
+    def _log_refusal(self) -> None:
+        """Say once why the broadcaster refuses our handshake (ZeroMQ keeps retrying: a key
+        authorized later, or a fixed server key, lets us in without a restart)."""
+        why = self.handshake.failure()
+        if why and why != self._refused:
+            print(f"pmgd node {self.s.node_id}: {why}", file=sys.stderr, flush=True)
+        self._refused = why
+
     def close(self) -> None:
+        self.handshake.close()
         for sock in (self.control, self.weights, self.cost):
             sock.close(linger=0)
         self.ctx.term()
@@ -354,6 +370,9 @@ class NodeProcess:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse(NodeSettings, "PMGD_", "pmgd node", "run one PMGD parameter node", argv)
-    proc = NodeProcess(settings.with_node_id())
+    try:
+        proc = NodeProcess(settings.with_node_id())
+    except cluster_keys.KeysError as err:
+        raise SystemExit(f"pmgd node: {err}") from None
     print(f"pmgd node {proc.s.node_id}: joining {proc.s.control}", flush=True)
     return serve(proc)

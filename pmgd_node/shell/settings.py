@@ -1,8 +1,10 @@
 """Service settings at the edge (docs/architecture.md §4), shared by every service process.
 
 A service's settings are one frozen dataclass of str/int/float fields. :func:`parse` reads
-each field from the environment (``<prefix><FIELD>``), lets a command-line flag
-(``--field-name``) override it, and fails fast naming the variable; :func:`serve` runs the
+each field from the environment (``<prefix><FIELD>``; the cluster-wide ``keys`` and
+``key_name`` also from ``PMGD_KEYS`` and ``PMGD_KEY_NAME``, so one variable serves every
+service), lets a command-line flag (``--field-name``) override it, and fails fast naming the
+variable; :func:`serve` runs the
 service until SIGTERM or SIGINT clears its ``running`` flag.
 """
 
@@ -14,6 +16,7 @@ import os
 import signal
 
 _TYPES = {"str": str, "int": int, "float": float}
+SHARED = ("keys", "key_name")  # fields every service also reads from PMGD_<FIELD>
 
 
 def from_env(cls, prefix: str, env=os.environ, **overrides):
@@ -21,6 +24,8 @@ def from_env(cls, prefix: str, env=os.environ, **overrides):
     values = {}
     for f in dataclasses.fields(cls):
         raw = env.get(prefix + f.name.upper())
+        if raw is None and f.name in SHARED:
+            raw = env.get("PMGD_" + f.name.upper())
         if raw is None:
             continue
         try:
@@ -35,8 +40,9 @@ def parse(cls, prefix: str, prog: str, description: str, argv: list[str] | None 
     """``cls`` from the environment with one flag per field overriding it."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in dataclasses.fields(cls):
+        shared = f" or PMGD_{f.name.upper()}" if f.name in SHARED and prefix != "PMGD_" else ""
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=_TYPES[f.type],
-                            help=f"default: env {prefix}{f.name.upper()} or {f.default!r}")
+                            help=f"default: env {prefix}{f.name.upper()}{shared} or {f.default!r}")
     return from_env(cls, prefix, **vars(parser.parse_args(argv)))
 
 

@@ -31,6 +31,7 @@ import sys
 
 from fastapi import FastAPI
 
+from pmgd_node.shell.keys import KeysError
 from pmgd_node.shell.settings import parse
 from services.http_edge import Guard
 
@@ -71,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     settings = parse(ApiSettings, "PMGD_API_", "pmgd api", "serve the PMGD REST API and dashboard", argv)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except KeysError as err:
+        raise SystemExit(f"pmgd api: {err}") from None
     print(f"pmgd api: http://{settings.host}:{settings.port} (db {settings.db}, "
           f"cluster {settings.broadcaster or 'none'}, token {'set' if settings.token else 'none'})", flush=True)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (jobs checkpoint, see Jobs.shutdown) and

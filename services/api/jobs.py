@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pmgd_node.config import JobConfig
+from pmgd_node.shell.keys import Keys, load_optional
 from services.chip.job import finite_median
 from services.cluster.client import fit_to_cluster
 from services.evaluator.gradient_angle import angle_degrees
@@ -250,14 +251,14 @@ class ClusterRun(Run):
     """The job on a cluster: submitted to the broadcaster at ``control``; re-attaches by job id."""
 
     def __init__(self, store: Store, job: dict, control: str, on_flush=None,
-                 evaluator: EvaluatorService | None = None):
+                 evaluator: EvaluatorService | None = None, keys: Keys | None = None):
         super().__init__(store, job, on_flush, evaluator)
-        self.control = control
+        self.control, self.keys = control, keys
 
     def _send(self, command: str) -> None:
         from services.cluster.client import send_control
 
-        send_control(self.control, self.id, command, reason="requested over the API")
+        send_control(self.control, self.id, command, reason="requested over the API", keys=self.keys)
 
     def pause(self) -> None:
         self._send("pause")
@@ -284,7 +285,7 @@ class ClusterRun(Run):
         try:
             result = runtime.run(self.config, "cluster", control=self.control, timeout_s=30 * 24 * 3600.0,
                                  job_id=self.id, cancelled=lambda: self.halt == "interrupted",
-                                 on_progress=self._on_progress)
+                                 on_progress=self._on_progress, keys=self.keys)
         except Cancelled:
             return {}
         theta0 = result.details.pop("theta0", None)
@@ -318,6 +319,7 @@ class Jobs:
     def __init__(self, settings: ApiSettings, metrics: Metrics):
         self.s = settings
         self.evaluator = EvaluatorService(settings.evaluator, settings.evaluator_token) if settings.evaluator else None
+        self.keys = load_optional(settings.keys, settings.key_name)  # the cluster's, for the broadcaster
         self.store = Store(settings.db)
         self.metrics = metrics
         self.runs: dict[str, Run] = {}
@@ -386,7 +388,7 @@ class Jobs:
             config = JobConfig.from_dict(data)
             if engine == "cluster" and self.s.broadcaster:
                 # Unset nodes: every node the cluster has (the stored config says how many).
-                config = JobConfig.from_dict(fit_to_cluster(data, self.s.broadcaster))
+                config = JobConfig.from_dict(fit_to_cluster(data, self.s.broadcaster, keys=self.keys))
             return config
         except (ValueError, TypeError, AttributeError, KeyError) as err:
             # ConfigError names the field; the others come from values of the wrong type.
@@ -417,7 +419,8 @@ class Jobs:
                 raise JobConflict("engine: this API has no cluster (start it with --broadcaster ENDPOINT)")
             if any(isinstance(r, ClusterRun) for r in active):
                 raise JobConflict("engine: the cluster runs one job at a time and is busy")
-            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.evaluator)
+            run: Run = ClusterRun(self.store, job, self.s.broadcaster, self.metrics.job_flushed, self.evaluator,
+                                  self.keys)
         else:
             if sum(isinstance(r, LocalRun) for r in active) >= self.s.max_local_jobs:
                 raise JobConflict(f"engine: {self.s.max_local_jobs} local jobs are running already")

@@ -19,6 +19,8 @@ class ApiSettings:
     db: str = "pmgd.sqlite"
     token: str = ""  # bearer token for mutating requests ("" = open)
     broadcaster: str = ""  # control endpoint of the cluster ("" = local engine only)
+    keys: str = ""  # the cluster's key directory (env PMGD_KEYS too; "" = a broadcaster without keys)
+    key_name: str = "client"  # the API's key pair in it
     evaluator: str = ""  # base URL of the evaluator service ("" = score checkpoints in-process)
     evaluator_token: str = ""  # the evaluator's bearer token, sent with every scoring request ("" = none)
     data_dir: str = ""  # default data directory for jobs that name none

@@ -30,6 +30,7 @@ import numpy as np
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
+from pmgd_node.shell.keys import Keys
 from services.chip.job import ChipJob, EvalPoint, JobResult
 from services.evaluator.remote import RemoteCost
 from services.state_file import load_state, save_state
@@ -42,15 +43,17 @@ _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, n
 
 
 class JobRun:
-    def __init__(self, job_id: str, config: JobConfig, device: str | None = None, evaluator: str = ""):
+    def __init__(self, job_id: str, config: JobConfig, device: str | None = None, evaluator: str = "",
+                 evaluator_keys: Keys | None = None):
         if config.timing == "async" and config.tick_period <= 0:
             raise ValueError("job config field 'tick_period': timing 'async' on the cluster needs a clock: "
                              "a tick period > 0 seconds")
         self.asynchronous = config.timing == "async"
         self.id, self.config = job_id, config
         # evaluator: endpoint of a remote cost server for the per-tick forward passes (the
-        # chip-in-the-loop hop); evaluation on the held-out set stays here.
-        remote = RemoteCost(evaluator, job_id, config) if evaluator else None
+        # chip-in-the-loop hop, authenticated with ``evaluator_keys``); evaluation on the
+        # held-out set stays here.
+        remote = RemoteCost(evaluator, job_id, config, keys=evaluator_keys) if evaluator else None
         self.chip = ChipJob(config, device=device, remote=remote)
         self.model, self.stage = self.chip.model, self.chip.stage
         self.num_params = self.chip.num_params
@@ -245,13 +248,15 @@ class JobRun:
         save_state(path, arrays)
 
     @classmethod
-    def load(cls, path: str, device: str | None = None, evaluator: str = "") -> JobRun:
+    def load(cls, path: str, device: str | None = None, evaluator: str = "",
+             evaluator_keys: Keys | None = None) -> JobRun:
         """The job of a checkpoint written by :meth:`save`; ValueError (with the reason) for a
         file that is damaged, foreign or does not fit its own config."""
         arrays = load_state(path)
         try:
             meta = json.loads(str(arrays["meta"]))
-            job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator)
+            job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator,
+                      evaluator_keys=evaluator_keys)
             S = job.config.seeds
             shards = []
             for k, (a, b) in enumerate(job.shards):

@@ -7,6 +7,10 @@ Sockets (all bound; endpoints are settings):
 * PULL ``weights``: every node's effective weights (and θ⁰ when it changed), per tick.
 * PUB ``cost``: C̃ per tick on the topic ``cost/<job>``, plus job control (pause, stop).
 
+With ``keys`` (the cluster's key directory, ``pmgd keys init``) every socket is a CurveZMQ
+server: only clients whose public key is authorized connect, and every frame is encrypted
+(``pmgd_node/shell/keys.py``). Without keys the sockets must stay on loopback.
+
 One job runs at a time (one chip). Nodes that miss their heartbeats for
 ``heartbeat_timeout_s``, or do not take up an assigned shard within it, are declared lost: a
 running job pauses, and once enough nodes are available again every shard restarts from the
@@ -32,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.shell import keys as cluster_keys
 from pmgd_node.shell.settings import parse, serve
 from services.chip.job import summarize
 from services.evaluator.remote import RemoteError
@@ -53,6 +58,8 @@ class BroadcasterSettings:
     evaluator: str = ""  # cost-server endpoint for the per-tick forward passes ("" = in-process)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "127.0.0.1"
+    keys: str = ""  # the cluster's key directory (env PMGD_KEYS too; "" = no CurveZMQ, loopback only)
+    key_name: str = "client"  # our key pair as a client of the evaluator
 
 
 def _mean(x: np.ndarray) -> float:
@@ -120,14 +127,19 @@ class Broadcaster:
     MAX_REPORTS = 10_000
     def __init__(self, settings: BroadcasterSettings):
         self.s = settings
+        keys = cluster_keys.load_optional(settings.keys, cluster_keys.SERVER)
+        # our identity towards the evaluator, whose cost hop is one more authenticated link
+        self.evaluator_keys = cluster_keys.load_optional(settings.keys if settings.evaluator else "",
+                                                         settings.key_name)
         self.ctx = zmq.Context()
+        self.auth = cluster_keys.guard(self.ctx, keys)  # before the first bind: no unchecked peer
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pull = self.ctx.socket(zmq.PULL)
         self.pub = self.ctx.socket(zmq.PUB)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         for sock, ep in ((self.router, settings.control), (self.pull, settings.weights), (self.pub, settings.cost)):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(ep)
+            cluster_keys.bind(sock, ep, keys, "PMGD_KEYS (or --keys)")
         self.nodes: dict[str, NodeInfo] = {}
         self._asked_to_join: dict[str, float] = {}  # unknown node → when we last answered it "rejoin"
         self.job: JobRun | None = None
@@ -180,7 +192,8 @@ class Broadcaster:
                         self.results[name[len("result-"):-len(".json")]] = json.load(f)
         if path and os.path.exists(path):
             try:
-                job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator)
+                job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator,
+                                   evaluator_keys=self.evaluator_keys)
             except ValueError as err:  # damaged or foreign: refused, left on disk for a person to look at
                 self.resume_error = str(err)
                 self._log(f"refusing to resume: {err}")
@@ -217,7 +230,7 @@ class Broadcaster:
         try:
             config = JobConfig.from_dict(msg.config)
             job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None,
-                         evaluator=self.s.evaluator)
+                         evaluator=self.s.evaluator, evaluator_keys=self.evaluator_keys)
         except Exception as err:  # a config off the wire must never stop the service: besides
             # ConfigError, JobConfig raises TypeError/AttributeError for some wrong types
             # (fm_band: 1, task: None), and JobRun whatever its setup raises.
@@ -533,13 +546,19 @@ class Broadcaster:
     def close(self) -> None:
         for sock in (self.router, self.pull, self.pub):
             sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse(BroadcasterSettings, "PMGD_BROADCASTER_", "pmgd broadcaster", "run the PMGD cost-broadcaster",
                      argv)
-    return serve(Broadcaster(settings))
+    try:
+        broadcaster = Broadcaster(settings)
+    except cluster_keys.KeysError as err:
+        raise SystemExit(f"pmgd broadcaster: {err}") from None
+    return serve(broadcaster)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """A client of the broadcaster's control socket: submit a job, follow its progress, send it
 control commands, read the broadcaster's state, and fit a job's node count to the nodes the
-cluster has."""
+cluster has.
+
+Every function takes the cluster's ``keys`` (a client key pair, :mod:`pmgd_node.shell.keys`;
+None for a broadcaster without them). A broadcaster that refuses the handshake raises
+:class:`~pmgd_node.shell.keys.HandshakeRefused` naming the key, rather than a silent timeout.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import ConfigError, JobConfig
+from pmgd_node.shell.keys import Handshake, HandshakeRefused, Keys, connect
 
 
 class JobFailed(RuntimeError):
@@ -22,18 +28,28 @@ class Cancelled(RuntimeError):
     """The caller stopped following the job (it keeps running on the broadcaster)."""
 
 
+def _dealer(control: str, keys: Keys | None, linger_ms: int = 0) -> tuple[zmq.Socket, Handshake]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    handshake = Handshake(sock, control, keys)
+    connect(sock, control, keys)
+    return sock, handshake
+
+
+def _close(sock: zmq.Socket, handshake: Handshake, linger_ms: int = 0) -> None:
+    handshake.close()
+    sock.close(linger=linger_ms)
+
+
 def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None] | None = None,
             timeout_s: float = 3600.0, job_id: str = "", resubmit_s: float = 5.0,
-            cancelled: Callable[[], bool] | None = None) -> dict:
+            cancelled: Callable[[], bool] | None = None, keys: Keys | None = None) -> dict:
     """Submit ``config`` to the broadcaster at ``control`` and block until its final result.
 
     Returns the result summary (the same fields as the in-process engine's, plus the final
     θ⁰, the chained θ⁰ hash ``trail``, epochs, checkpoints and drop counts).
     """
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(control)
+    sock, handshake = _dealer(control, keys)
     job_id = job_id or uuid.uuid4().hex[:12]
     try:
         submit = p.encode(p.Submit(job_id, config.to_dict()))
@@ -44,6 +60,8 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
             if cancelled is not None and cancelled():
                 raise Cancelled(job_id)
             if not sock.poll(500):
+                if why := handshake.failure():
+                    raise HandshakeRefused(why)
                 if time.monotonic() - heard > resubmit_s:
                     # Silence: the broadcaster may have restarted. Submitting is idempotent by
                     # job id, so this re-attaches us to the resumed job (or fetches its result).
@@ -65,42 +83,40 @@ def run_job(config: JobConfig, control: str, on_progress: Callable[[dict], None]
                 on_progress(msg.data)
         raise TimeoutError(f"job {job_id} did not finish within {timeout_s:g} s")
     finally:
-        sock.close(linger=0)
+        _close(sock, handshake)
 
 
-def send_control(control: str, job_id: str, command: str, reason: str = "") -> None:
+def send_control(control: str, job_id: str, command: str, reason: str = "", keys: Keys | None = None) -> None:
     """Send the broadcaster at ``control`` a ``Control`` command (pause, resume, stop) for ``job_id``.
 
     Fire and forget: the broadcaster does not answer a command; its effect shows in the job's
     progress and in :func:`status`. The socket lingers up to a second so the frame leaves.
     """
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(control)
+    sock, handshake = _dealer(control, keys, linger_ms=1000)
     try:
         sock.send_multipart(p.encode(p.Control(job_id, command, reason=reason)))
     finally:
-        sock.close(linger=1000)
+        _close(sock, handshake, linger_ms=1000)
 
 
-def status(control: str, timeout_s: float = 5.0) -> dict:
+def status(control: str, timeout_s: float = 5.0, keys: Keys | None = None) -> dict:
     """The broadcaster's state: job, nodes (shard, heartbeat age, drops), its own drop counts."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(control)
+    sock, handshake = _dealer(control, keys)
     try:
         sock.send_multipart(p.encode(p.Status({})))
         if not sock.poll(int(timeout_s * 1000)):
+            if why := handshake.failure():
+                raise HandshakeRefused(why)
             raise TimeoutError(f"no status from {control} within {timeout_s:g} s")
         msg = p.decode(sock.recv_multipart())
         if not isinstance(msg, p.Status):
             raise RuntimeError(f"expected a status reply, got {msg.TYPE}")
         return msg.data
     finally:
-        sock.close(linger=0)
+        _close(sock, handshake)
 
 
-def fit_to_cluster(fields: dict, control: str, wait_s: float = 10.0) -> dict:
+def fit_to_cluster(fields: dict, control: str, wait_s: float = 10.0, keys: Keys | None = None) -> dict:
     """``fields`` (job-config fields as the user set them) fitted to the cluster at ``control``.
 
     Only the broadcaster knows how many nodes are connected, so every command that sends a
@@ -114,7 +130,7 @@ def fit_to_cluster(fields: dict, control: str, wait_s: float = 10.0) -> dict:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            connected = len(status(control, timeout_s=max(1.0, deadline - time.monotonic()))["nodes"])
+            connected = len(status(control, timeout_s=max(1.0, deadline - time.monotonic()), keys=keys)["nodes"])
         except TimeoutError:
             raise RuntimeError(f"the broadcaster at {control} does not answer") from None
         if connected >= (asked or 1) or time.monotonic() >= deadline:

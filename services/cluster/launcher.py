@@ -6,18 +6,27 @@ with exactly the commands the compose file runs (``pmgd broadcaster``, ``pmgd no
 SIGTERM first, SIGKILL after a grace period. Children also get SIGTERM from the kernel if
 the launcher itself dies (PR_SET_PDEATHSIG), so no process outlives it. ``say`` hears each
 step as it happens (``pmgd up`` prints them: the processes take seconds to come up).
+
+Every ZeroMQ link of the cluster is authenticated and encrypted (CurveZMQ) with the keys in
+``keys``: by default fresh ones in a temporary directory that goes with the cluster
+(``cluster.keys_dir``; ``cluster.keys`` is the client key pair for talking to it); a
+directory without keys gets them made (``pmgd keys init``); ``keys=""`` runs without.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+
+from pmgd_node.shell import keys as cluster_keys
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,8 +49,14 @@ class LocalCluster:
 
     def __init__(self, nodes: int, host: str = "127.0.0.1", state_dir: str = "", heartbeat_timeout_s: float = 2.0,
                  log_dir: str = "", env: dict | None = None, remote_evaluator: bool = False, api: bool = False,
-                 api_db: str = "pmgd.sqlite", metrics: bool = False, say: Callable[[str], None] | None = None):
+                 api_db: str = "pmgd.sqlite", metrics: bool = False, say: Callable[[str], None] | None = None,
+                 keys: str | None = None):
         self.say = say or (lambda text: None)
+        self._own_keys = keys is None
+        self.keys_dir = tempfile.mkdtemp(prefix="pmgd-keys-") if keys is None else keys
+        if self.keys_dir and not os.path.exists(os.path.join(self.keys_dir, "server.key")):
+            cluster_keys.init(self.keys_dir)
+        self.keys = cluster_keys.load_optional(self.keys_dir)
         ports = [free_port() for _ in range(3)]
         self.host = host
         self.endpoints = {name: f"tcp://{host}:{port}" for name, port in zip(("control", "weights", "cost"), ports)}
@@ -65,7 +80,7 @@ class LocalCluster:
         self.state_dir = state_dir
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.log_dir = log_dir
-        self.env = dict(os.environ, **(env or {}))
+        self.env = {**os.environ, "PMGD_KEYS": self.keys_dir, **(env or {})}
         self.broadcaster: subprocess.Popen | None = None
         self.nodes: list[subprocess.Popen] = []
         self._logs: list = []
@@ -140,7 +155,7 @@ class LocalCluster:
         while joined < self.num_nodes:
             self._check_alive(deadline, f"{self.num_nodes} nodes to join the broadcaster", timeout_s)
             try:
-                now = len(status(self.endpoints["control"], timeout_s=1.0)["nodes"])
+                now = len(status(self.endpoints["control"], timeout_s=1.0, keys=self.keys)["nodes"])
             except TimeoutError:
                 continue  # the broadcaster is still starting
             if now != joined:
@@ -180,6 +195,8 @@ class LocalCluster:
                 proc.wait()
         for f in self._logs:
             f.close()
+        if self._own_keys:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -28,6 +28,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.shell import keys as cluster_keys
 from pmgd_node.shell.settings import parse, serve
 
 from .data import confine, data_roots, load
@@ -41,12 +42,14 @@ class RemoteError(RuntimeError):
 class RemoteCost:
     """Broadcaster side: ``cost(theta, indices)`` over one DEALER socket, strictly in turn."""
 
-    def __init__(self, endpoint: str, job: str, config: JobConfig, timeout_s: float = 30.0):
+    def __init__(self, endpoint: str, job: str, config: JobConfig, timeout_s: float = 30.0,
+                 keys: cluster_keys.Keys | None = None):
         self.job, self.config = job, config.to_dict()
         self.timeout_ms = int(timeout_s * 1000)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.handshake = cluster_keys.Handshake(self.sock, endpoint, keys)
+        cluster_keys.connect(self.sock, endpoint, keys)
         self.endpoint = endpoint
         self.seq = 0
 
@@ -63,9 +66,12 @@ class RemoteCost:
             if reply.error or reply.cost is None:
                 raise RemoteError(f"evaluator {self.endpoint}: {reply.error or 'no cost'}")
             return reply.cost
-        raise RemoteError(f"evaluator {self.endpoint} did not answer within {self.timeout_ms / 1000:g} s")
+        why = self.handshake.failure()
+        raise RemoteError(f"evaluator {self.endpoint}: {why}" if why else
+                          f"evaluator {self.endpoint} did not answer within {self.timeout_ms / 1000:g} s")
 
     def close(self) -> None:
+        self.handshake.close()
         self.sock.close(linger=0)
 
 
@@ -81,6 +87,7 @@ class EvaluatorSettings:
     data_dir: str = ""  # data sets for requests that name none; requests may name only it or data_roots
     data_roots: str = ""  # further directories requests may name, separated by os.pathsep (':')
     token: str = ""  # bearer token for POST /evaluate… over HTTP ("" = open; services/http_edge.py)
+    keys: str = ""  # the cluster's key directory for the cost hop (env PMGD_KEYS too; "" = loopback only)
 
 
 class CostServer:
@@ -90,10 +97,12 @@ class CostServer:
     def __init__(self, settings: EvaluatorSettings, on_answer: Callable[[], None] | None = None):
         self.s = settings
         self.on_answer = on_answer
+        keys = cluster_keys.load_optional(settings.keys, cluster_keys.SERVER)
         self.ctx = zmq.Context()
+        self.auth = cluster_keys.guard(self.ctx, keys)  # before the bind: no unchecked peer
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(settings.endpoint)
+        cluster_keys.bind(self.sock, settings.endpoint, keys, "PMGD_KEYS (or --keys)")
         self.jobs: dict[str, tuple] = {}  # job → (model, train, prepared batches)
         self.roots = data_roots(settings.data_dir, settings.data_roots)
         self.dropped: dict[str, int] = {}
@@ -147,6 +156,8 @@ class CostServer:
             if self.on_answer is not None:
                 self.on_answer()
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         return 0
 
@@ -172,9 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                      "serve forward passes to a broadcaster (ZeroMQ) and held-out scoring over HTTP", argv)
     if settings.http_port < 0 or settings.http_port > 65535:
         raise SystemExit(f"PMGD_EVALUATOR_HTTP_PORT must be in [0, 65535] (0 = no HTTP); got {settings.http_port}")
+    try:
+        server = CostServer(settings)
+    except cluster_keys.KeysError as err:
+        raise SystemExit(f"pmgd evaluator: {err}") from None
     http = _bind_http(settings.http_host, settings.http_port) if settings.http_port else None
     if http is None:
-        return serve(CostServer(settings))
+        return serve(server)
 
     import uvicorn
 
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         http.close()
         raise SystemExit(f"pmgd evaluator: {err}") from None
-    server = CostServer(settings, on_answer=app.state.metrics.cost_answered)
+    server.on_answer = app.state.metrics.cost_answered
     web = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
 
     def leave(signum, frame):

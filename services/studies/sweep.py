@@ -159,18 +159,18 @@ class Context:
     def train(self, config: JobConfig) -> Trained:
         from services import runtime
 
-        control = ""
+        control, keys = "", None
         if self.engine == "cluster":
             from services.cluster.launcher import LocalCluster
 
             if self._cluster is None:  # one cluster for the whole study
                 self._cluster = LocalCluster(self.cluster_nodes).start()
-            control = self._cluster.endpoints["control"]
+            control, keys = self._cluster.endpoints["control"], self._cluster.keys
             config = config.replace(nodes=min(self.cluster_nodes,
                                               config.nodes if config.nodes > 1 else self.cluster_nodes))
             if config.timing == "async" and not config.tick_period:
                 config = config.replace(tick_period=self.ASYNC_TICK_S)
-        result = runtime.run(config, self.engine, control=control, device=self.device)
+        result = runtime.run(config, self.engine, control=control, device=self.device, keys=keys)
         rows = [{"seed": config.seed + r, "solved": bool(result.solved[r]),
                  "ticks_to_solution": int(result.ticks_to_solution[r]),
                  "c0_to_solution": int(result.c0_to_solution[r]), "ticks_run": result.ticks,

@@ -96,3 +96,14 @@ def test_oversized_and_bad_dtype_and_bad_command():
         p.decode(p.encode(p.Control("j", "explode")))
     with pytest.raises(TypeError, match="dtype"):
         p.encode(p.Weights("j", 0, 0, 0, np.zeros((1, 2), dtype=np.complex64)))
+
+
+@pytest.mark.parametrize("value", [2 ** 62, -(2 ** 62), p.MAX_INT + 1])
+def test_an_integer_field_beyond_the_bound_is_refused_at_decode(value):
+    """A tick (or epoch, shard, count) that would pin state for ever never becomes a message."""
+    frames = p.encode(p.Weights("j", 0, 0, 0, np.zeros((1, 2))))
+    for field in ("tick", "epoch", "shard"):
+        with pytest.raises(p.ProtocolError, match="2\\*\\*53") as err:
+            p.decode([msgpack.packb(_header(frames) | {field: value})] + frames[1:])
+        assert err.value.reason == "field"
+    assert p.decode([msgpack.packb(_header(frames) | {"tick": p.MAX_INT})] + frames[1:]).tick == p.MAX_INT

@@ -15,7 +15,7 @@ def test_engine_and_cluster_return_the_same_result_through_one_seam():
     seen = {"local": [], "cluster": []}
     local = runtime.run(config, "local", on_eval=lambda point, solved: seen["local"].append((point.tick, solved)))
     with LocalCluster(2) as cluster:
-        remote = runtime.run(config, "cluster", control=cluster.endpoints["control"],
+        remote = runtime.run(config, "cluster", control=cluster.endpoints["control"], keys=cluster.keys,
                              on_eval=lambda point, solved: seen["cluster"].append((point.tick, solved)))
     assert local.solved.any()  # some runs solve, so the per-run counts below are exercised
     for name in ("ticks_to_solution", "c0_to_solution", "final_accuracy", "diverged_at"):

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from pmgd_node.shell.keys import Keys
 from services.cluster.client import status
 
 from ..schemas import ClusterStatus
-from .deps import SettingsDep
+from .deps import JobsDep, SettingsDep
 
 router = APIRouter(tags=["cluster"])
 
 
-def cluster_status(control: str) -> dict:
+def cluster_status(control: str, keys: Keys | None = None) -> dict:
     """The broadcaster at ``control`` as the API shows it: reachable or not, its state, job,
     drop counts and nodes (shard, seconds since the last heartbeat, drops)."""
     if not control:
         return {"broadcaster": "", "reachable": False, "state": "none", "nodes": {}}
     try:
-        st = status(control, timeout_s=2.0)
+        st = status(control, timeout_s=2.0, keys=keys)
     except (TimeoutError, RuntimeError) as err:
         return {"broadcaster": control, "reachable": False, "state": "unreachable", "error": str(err), "nodes": {}}
     return {"broadcaster": control, "reachable": True, "state": st["state"], "job": st.get("job"),
@@ -28,5 +29,5 @@ def cluster_status(control: str) -> dict:
 
 
 @router.get("/cluster", response_model=ClusterStatus, response_model_exclude_unset=True)
-def cluster(settings: SettingsDep) -> dict:
-    return cluster_status(settings.broadcaster)
+def cluster(settings: SettingsDep, jobs: JobsDep) -> dict:
+    return cluster_status(settings.broadcaster, jobs.keys)

@@ -257,7 +257,7 @@ def test_dashboard_plots_a_local_job_live(tmp_path):
 def test_dashboard_plots_per_shard_staleness_of_a_cluster_job(tmp_path):
     with LocalCluster(2) as cluster:
         cluster.wait_ready()
-        api = Api(tmp_path, f"--broadcaster={cluster.endpoints['control']}")
+        api = Api(tmp_path, f"--broadcaster={cluster.endpoints['control']}", f"--keys={cluster.keys_dir}")
         try:
             config = {"task": "parity2", "seeds": 4, "max_ticks": 3000, "nodes": 2, "timing": "async",
                       "tick_period": 0.001, "drift": 0.05, "delay": 2}

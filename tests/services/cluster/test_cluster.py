@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pmgd_node.config import JobConfig
+from pmgd_node.shell import keys as cluster_keys
 from services.api.jobs import FINAL
 from services.cluster.client import run_job, status
 from services.cluster.launcher import LocalCluster
@@ -54,7 +55,7 @@ def _assert_identical(summary, config):
 @pytest.mark.parametrize("nodes", [1, 2, 4])
 def test_sync_cluster_is_bit_identical_to_the_engine(cluster, perturbation, nodes):
     config = JobConfig(perturbation=perturbation, nodes=nodes, seeds=3, max_ticks=300, tau_theta=2, seed=5)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _assert_identical(summary, config)
     assert summary["ticks_run"] == 300  # 300 ticks of three runs: not everything solved early
 
@@ -65,7 +66,7 @@ def test_cnn_float32_job_is_bit_identical_too(cluster, tmp_path):
     write_fake_fashion_mnist(tmp_path, n_train=100, n_test=50, seed=0)
     config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=3,
                        max_ticks=30, eval_every=15, target_accuracy=None, seed=3)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     result, theta0, trail = engine_reference(config)
     assert theta0.dtype == np.float32
     np.testing.assert_array_equal(np.array(summary["theta0"], dtype=np.float32), theta0)
@@ -75,21 +76,21 @@ def test_cnn_float32_job_is_bit_identical_too(cluster, tmp_path):
 def test_link_models_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, delay=2, jitter=3, drop=0.1,
                        node_links={"1": {"delay": 5, "drop": 0.3}}, correlation="tagged", seed=11)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _assert_identical(summary, config)
 
 
 def test_imperfections_and_compensation_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, cost_noise=0.01, update_noise=0.002, device_variation=0.2,
                        correlation="untagged", delay=1, compensation=1, seed=4)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _assert_identical(summary, config)
 
 
 def test_weight_decay_eta_decay_and_the_c_tilde_clip_apply_identically_on_the_cluster(cluster):
     config = JobConfig(nodes=3, seeds=2, max_ticks=300, seed=6, weight_decay=0.05, eta_decay_ticks=50,
                        c_tilde_limit=0.01)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _assert_identical(summary, config)
 
 
@@ -100,7 +101,7 @@ def test_label_smoothing_of_a_cnn_job_applies_identically_on_the_cluster(cluster
     config = JobConfig(task="fmnist", data_dir=str(tmp_path), batch=20, amplitude=0.01, eta=0.01, nodes=2,
                        max_ticks=20, eval_every=10, target_accuracy=None, seed=3, label_smoothing=0.1,
                        weight_decay=0.1)
-    summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _, theta0, trail = engine_reference(config)
     np.testing.assert_array_equal(np.array(summary["theta0"], dtype=np.float32), theta0)
     assert summary["trail"] == trail
@@ -113,8 +114,9 @@ def test_bad_job_is_refused_with_the_field_named(cluster):
 
     bad = JobConfig(nodes=2).to_dict() | {"eta": -1}
     with pytest.raises(JobFailed, match="eta"):
-        run_job(type("C", (), {"to_dict": lambda self: bad})(), cluster.endpoints["control"], timeout_s=30)
-    assert status(cluster.endpoints["control"])["state"] == "idle"
+        run_job(type("C", (), {"to_dict": lambda self: bad})(), cluster.endpoints["control"], timeout_s=30,
+                keys=cluster.keys)
+    assert _status(cluster)["state"] == "idle"
 
 
 def test_pmgd_train_engine_cluster_trains_parity2(tmp_path):
@@ -129,7 +131,7 @@ def test_pmgd_train_engine_cluster_trains_parity2(tmp_path):
     assert summary["final_accuracy_median"] == 1.0
 
 
-def _run_in_thread(config, control, progress, reports=None):
+def _run_in_thread(config, control, progress, reports=None, keys=None):
     """Run the job in a thread, appending each progress tick (and its tick reports)."""
     box = {}
 
@@ -140,13 +142,17 @@ def _run_in_thread(config, control, progress, reports=None):
 
     def target():
         try:
-            box["summary"] = run_job(config, control, follow, timeout_s=240)
+            box["summary"] = run_job(config, control, follow, timeout_s=240, keys=keys)
         except Exception as err:  # surfaced by the test
             box["error"] = err
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, box
+
+
+def _status(cluster) -> dict:
+    return status(cluster.endpoints["control"], keys=cluster.keys)
 
 
 def _wait_for(predicate, timeout_s, what):
@@ -166,10 +172,10 @@ def test_kill_9_a_node_and_a_replacement_completes_the_job_exactly():
                        eval_every=50, seed=3)
     with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
         progress = []
-        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress)
+        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress, keys=cluster.keys)
         _wait_for(lambda: progress and progress[-1] >= 700, 120, "the job to pass tick 700")
         cluster.nodes[1].send_signal(signal.SIGKILL)
-        _wait_for(lambda: status(cluster.endpoints["control"])["state"] == "paused", 30, "the job to pause")
+        _wait_for(lambda: _status(cluster)["state"] == "paused", 30, "the job to pause")
         cluster.start_node("replacement")
         thread.join(240)
         assert "error" not in box, box.get("error")
@@ -184,10 +190,10 @@ def test_broadcaster_restart_resumes_the_job_from_its_checkpoint(tmp_path):
                        eval_every=50, seed=4)
     with LocalCluster(2, heartbeat_timeout_s=2.0, state_dir=str(tmp_path)) as cluster:
         progress = []
-        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress)
+        thread, box = _run_in_thread(config, cluster.endpoints["control"], progress, keys=cluster.keys)
 
         def checkpointed():
-            st = status(cluster.endpoints["control"])
+            st = _status(cluster)
             return (st["job"] is not None and st["job"]["checkpoint_tick"] >= 400 and st["checkpoints_saved"] >= 2
                     and (tmp_path / "job.npz").exists())
 
@@ -218,14 +224,14 @@ def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard
     with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
         control = cluster.endpoints["control"]
         progress, reports = [], []
-        thread, box = _run_in_thread(config, control, progress, reports)
+        thread, box = _run_in_thread(config, control, progress, reports, keys=cluster.keys)
         _wait_for(lambda: progress and progress[-1] >= 600, 120, "the job to pass tick 600")
-        holder = next(k for k, v in status(control)["nodes"].items() if v["shard"] == 1)
+        holder = next(k for k, v in status(control, keys=cluster.keys)["nodes"].items() if v["shard"] == 1)
         heard = len(reports)  # the per-tick reports received before the kill
         cluster.nodes[int(holder.split("-")[1])].send_signal(signal.SIGKILL)
-        _wait_for(lambda: len(status(control)["nodes"]) == 1, 30, "the node to be lost")
+        _wait_for(lambda: len(status(control, keys=cluster.keys)["nodes"]) == 1, 30, "the node to be lost")
         lost = len(reports)  # ≥ 1 s of ticks after the kill, less at most one evaluation period
-        assert status(control)["state"] == "running"  # async does not stop for it
+        assert status(control, keys=cluster.keys)["state"] == "running"  # async does not stop for it
         cluster.start_node("replacement")
         thread.join(240)
         assert "error" not in box, box.get("error")
@@ -257,11 +263,11 @@ def test_async_job_survives_kill_9_and_the_replacement_takes_over_from_the_shard
 
 def test_nodes_leave_cleanly_on_sigterm():
     with LocalCluster(2, heartbeat_timeout_s=1.0) as cluster:
-        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 2, 30, "two nodes to join")
+        _wait_for(lambda: len(_status(cluster)["nodes"]) == 2, 30, "two nodes to join")
         cluster.nodes[0].send_signal(signal.SIGTERM)
         assert cluster.nodes[0].wait(10) == 0
         # It said goodbye: the broadcaster drops it at once, not after a heartbeat timeout.
-        _wait_for(lambda: len(status(cluster.endpoints["control"])["nodes"]) == 1, 0.9, "the node to be dropped")
+        _wait_for(lambda: len(_status(cluster)["nodes"]) == 1, 0.9, "the node to be dropped")
 
 
 def _http(method: str, url: str, body: dict | None = None):
@@ -286,7 +292,8 @@ def test_pmgd_up_serves_rest_jobs_on_the_cluster_and_stops_everything_on_ctrl_c(
         control, api = found["control"], found["api"]
         pids = [int(x) for x in lines[-1].split("pids")[1].replace(",", " ").split()]
         pids.append(int(lines[-1].split()[2].rstrip(";")))
-        _wait_for(lambda: len(status(control)["nodes"]) == 2, 30, "two nodes to join")
+        keys = cluster_keys.load(found["keys"])  # pmgd up made them and says where
+        _wait_for(lambda: len(status(control, keys=keys)["nodes"]) == 2, 30, "two nodes to join")
         assert len(_http("GET", api + "/cluster")["nodes"]) == 2
         config = JobConfig(nodes=2, seeds=3, max_ticks=1500)
         job = _http("POST", api + "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True})
@@ -324,7 +331,8 @@ def test_async_cluster_with_drift_runs_and_reports_staleness(cluster):
     config = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, drift=0.05, max_ticks=3000, seed=1,
                        batch=4, eta=1.0)
     reports = []
-    summary = run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=120)
+    summary = run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=120,
+                      keys=cluster.keys)
     assert [r["tick"] for r in reports] == list(range(summary["ticks_run"]))
     stale = np.array([r["staleness"] for r in reports])
     assert stale.shape[1] == 2 and stale.max() >= 1  # async: shards are sometimes old
@@ -347,8 +355,9 @@ def test_async_cluster_untagged_delay_breaks_training_tagged_does_not(cluster):
     and with the other core busy (the engine, deterministic: 0.0012 and 0.488)."""
     base = JobConfig(nodes=2, seeds=12, timing="async", tick_period=0.002, max_ticks=3000, delay=2, seed=2,
                      batch=4, eta=1.0)
-    tagged = run_job(base, cluster.endpoints["control"], timeout_s=120)
-    untagged = run_job(base.replace(correlation="untagged"), cluster.endpoints["control"], timeout_s=120)
+    tagged = run_job(base, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
+    untagged = run_job(base.replace(correlation="untagged"), cluster.endpoints["control"], timeout_s=120,
+                       keys=cluster.keys)
     start = _start_cost(base)
     assert tagged["final_cost_median"] < 0.25 * start
     assert untagged["final_cost_median"] > start
@@ -358,7 +367,8 @@ def test_sync_reports_every_tick(cluster):
     reports = []
     config = JobConfig(nodes=2, max_ticks=100, target_accuracy=None, eval_every=25)
     started = time.monotonic()
-    run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=60)
+    run_job(config, cluster.endpoints["control"], lambda d: reports.extend(d["reports"]), timeout_s=60,
+            keys=cluster.keys)
     elapsed = time.monotonic() - started
     assert [r["tick"] for r in reports] == list(range(100))
     for r in reports:
@@ -373,7 +383,7 @@ def test_sync_reports_every_tick(cluster):
 def test_remote_evaluator_hop_keeps_the_trajectory_bit_identical():
     config = JobConfig(nodes=2, seeds=2, max_ticks=200, target_accuracy=None, seed=8)
     with LocalCluster(2, remote_evaluator=True) as cluster:
-        summary = run_job(config, cluster.endpoints["control"], timeout_s=120)
+        summary = run_job(config, cluster.endpoints["control"], timeout_s=120, keys=cluster.keys)
     _assert_identical(summary, config)
 
 

@@ -32,6 +32,7 @@ import zmq
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.shell import keys as cluster_keys
 from services.cluster.client import run_job, status
 from services.cluster.launcher import LocalCluster, _die_with_parent, free_port
 
@@ -347,9 +348,9 @@ def _log_tail(path) -> str:
         return "(no log)"
 
 
-def _status_or_none(control: str) -> dict | None:
+def _status_or_none(control: str, keys) -> dict | None:
     try:
-        return status(control, timeout_s=1.0)
+        return status(control, timeout_s=1.0, keys=keys)
     except TimeoutError:
         return None
 
@@ -434,8 +435,8 @@ def test_broadcaster_survives_fuzz_counts_every_bad_frame_and_still_runs_a_job(t
         for sock, ep in ((dealer, ctl), (push, cluster.endpoints["weights"])):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDTIMEO, 10_000)  # a dead broadcaster fails the test, not hangs it
-            sock.connect(ep)
-        up = _wait(lambda: bc.poll() is not None or _status_or_none(ctl), 60)
+            cluster_keys.connect(sock, ep, cluster.keys)  # an authorized peer that sends garbage
+        up = _wait(lambda: bc.poll() is not None or _status_or_none(ctl, cluster.keys), 60)
         assert bc.poll() is None and up and up["state"] == "idle", _log_tail(tmp_path / "broadcaster.log")
         try:
             for job, config in _BAD_SUBMITS.items():
@@ -455,7 +456,7 @@ def test_broadcaster_survives_fuzz_counts_every_bad_frame_and_still_runs_a_job(t
         def counted():  # the PULL and ROUTER frames are handled in their own order: wait for all
             if bc.poll() is not None:
                 return True
-            seen.update(_status_or_none(ctl) or {})
+            seen.update(_status_or_none(ctl, cluster.keys) or {})
             return sum(seen.get("dropped", {}).values()) >= total
 
         _wait(counted, 30)
@@ -463,7 +464,7 @@ def test_broadcaster_survives_fuzz_counts_every_bad_frame_and_still_runs_a_job(t
         st = seen
         assert st["dropped"] == dict(expected)
         time.sleep(0.3)  # nothing else trickles in later
-        st = status(ctl)
+        st = status(ctl, keys=cluster.keys)
         assert st["dropped"] == dict(expected)
         assert st["state"] == "idle" and st["job"] is None and st["nodes"] == {}
 
@@ -476,10 +477,10 @@ def test_broadcaster_survives_fuzz_counts_every_bad_frame_and_still_runs_a_job(t
             assert job in answers and answers[job].final and "error" in answers[job].data, (job, answers.get(job))
 
         node = cluster.start_node()
-        result = run_job(JobConfig(max_ticks=200, nodes=1), ctl, timeout_s=120)
+        result = run_job(JobConfig(max_ticks=200, nodes=1), ctl, timeout_s=120, keys=cluster.keys)
         assert result["runs"] == 1 and 0 < result["ticks_run"] <= 200 and result["epochs"] == 1
         assert result["dropped"] == dict(expected)
-        st = status(ctl)
+        st = status(ctl, keys=cluster.keys)
         assert bc.poll() is None and node.poll() is None
         assert st["state"] == "idle" and st["dropped"] == dict(expected)
         assert st["nodes"]["node-0"]["dropped"] == 0
@@ -501,8 +502,10 @@ class FakeBroadcaster:
     the way: every frame sent reaches the node (TCP back-pressure paces it).
     """
 
-    def __init__(self):
+    def __init__(self, keys_dir: str):
         self.ctx = zmq.Context()
+        keys = cluster_keys.load(keys_dir, cluster_keys.SERVER)  # the node talks CurveZMQ, as in a cluster
+        self.auth = cluster_keys.guard(self.ctx, keys)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pull = self.ctx.socket(zmq.PULL)
@@ -512,13 +515,14 @@ class FakeBroadcaster:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             self.endpoints[name] = f"tcp://127.0.0.1:{free_port()}"
-            sock.bind(self.endpoints[name])
+            cluster_keys.bind(sock, self.endpoints[name], keys, "keys")
         self.identity = b""
         self.last_beat: p.Heartbeat | None = None
 
     def close(self):
         for sock in (self.router, self.pull, self.pub):
             sock.close(0)
+        self.auth.stop()
         self.ctx.term()
 
     def recv_control(self, timeout: float):
@@ -598,11 +602,12 @@ def test_node_survives_fuzz_and_reports_every_bad_frame(tmp_path):
     assert left_out < 0.05 * N_FRAMES and sum(exp_control.values()) > 0.9 * N_FRAMES
     assert sum(exp_cost.values()) > 0.85 * N_FRAMES
 
-    fake = FakeBroadcaster()
+    cluster_keys.init(str(tmp_path / "keys"))
+    fake = FakeBroadcaster(str(tmp_path / "keys"))
     log = open(tmp_path / "node.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "node", *(f"--{k}={v}" for k, v in fake.endpoints.items()),
-         "--node-id=fz", "--heartbeat-s=0.1", "--broadcaster-timeout-s=600"],
+         "--node-id=fz", "--heartbeat-s=0.1", "--broadcaster-timeout-s=600", f"--keys={tmp_path / 'keys'}"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     try:
         got = fake.recv_control(60)

@@ -31,7 +31,7 @@ def test_a_checkpoint_round_trips_and_a_damaged_one_is_refused_by_load(tmp_path)
 def test_the_broadcaster_refuses_a_damaged_checkpoint_and_says_why(tmp_path):
     (tmp_path / "job.npz").write_bytes(b"PK\x03\x04 torn in the middle of a write")
     with LocalCluster(1, state_dir=str(tmp_path)) as cluster:
-        st = status(cluster.endpoints["control"])
+        st = status(cluster.endpoints["control"], keys=cluster.keys)
         assert st["state"] == "idle" and st["job"] is None
         assert "job.npz" in st["resume_error"] and "not a readable checkpoint" in st["resume_error"]
     assert (tmp_path / "job.npz").exists()  # left for a person to look at

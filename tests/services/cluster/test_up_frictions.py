@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pmgd_node.config import ConfigError
+from pmgd_node.shell import keys as cluster_keys
 from services.api.jobs import FINAL
 from services.cluster.client import fit_to_cluster, status
 
@@ -49,13 +50,14 @@ def test_pmgd_up_reports_its_steps_and_jobs_without_nodes_take_every_node(tmp_pa
             assert line, f"pmgd up ended early: {lines}"
             lines.append(line.strip())
             words = line.split()
-            if words and words[0] in ("control", "api"):
+            if words and words[0] in ("keys", "control", "api"):
                 found[words[0]] = words[1]
                 if words[0] == "control":  # endpoints are printed once the cluster is ready
-                    assert len(status(words[1])["nodes"]) == 2
+                    # with the keys it made, printed before them (the cluster's links are encrypted)
+                    assert len(status(words[1], keys=cluster_keys.load(found["keys"]))["nodes"]) == 2
         # What it starts, as it goes: before anything is ready, then the endpoints.
         assert lines[0] == "starting the broadcaster…", lines
-        first_endpoint = next(i for i, line in enumerate(lines) if line.startswith("control"))
+        first_endpoint = next(i for i, line in enumerate(lines) if line.startswith("keys"))
         for step in ("starting node 1/2…", "starting node 2/2…", "starting the API…", "2/2 nodes joined"):
             assert step in lines[:first_endpoint], (step, lines)
         control, api = found["control"], found["api"]
@@ -74,17 +76,21 @@ def test_pmgd_up_reports_its_steps_and_jobs_without_nodes_take_every_node(tmp_pa
         series = _get(f"{api}/jobs/{job_id}/metrics")["series"]
         assert {"staleness.0", "staleness.1"} <= series.keys()  # a shard on each node
 
+        # Without the keys: a clear error naming what to set, not a silent wait.
+        r = _train("--engine", "cluster", "--cluster", control, "--keys", "", "--max-ticks", "100", timeout=60)
+        assert r.returncode == 1 and "requires the cluster's keys (set PMGD_KEYS" in r.stderr, r.stderr
+
         # pmgd train --cluster: unset nodes → every node; an explicit count is kept.
         for extra, nodes in (([], 2), (["--nodes", "1"], 1)):
             out = tmp_path / f"train-{nodes}.json"
-            r = _train("--engine", "cluster", "--cluster", control, "--seeds", "2", "--max-ticks", "100",
-                       "--json", str(out), *extra)
+            r = _train("--engine", "cluster", "--cluster", control, "--keys", found["keys"], "--seeds", "2",
+                       "--max-ticks", "100", "--json", str(out), *extra)
             assert r.returncode == 0, r.stderr
             assert json.loads(out.read_text())["config"]["nodes"] == nodes
 
         # More nodes than are connected: refused, naming the field.
         with pytest.raises(ConfigError, match=r"'nodes'.*asks for 3 nodes but 2 are connected"):
-            fit_to_cluster({"task": "parity2", "nodes": 3}, control, wait_s=0.5)
+            fit_to_cluster({"task": "parity2", "nodes": 3}, control, wait_s=0.5, keys=cluster_keys.load(found["keys"]))
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0

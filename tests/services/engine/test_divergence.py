@@ -100,6 +100,6 @@ def test_the_cluster_stops_a_diverging_job_where_the_engine_does(data_dir):
     config = _blowing_up(data_dir, nodes=2, seeds=2)
     reference = summarize(Engine(config, device="cpu").run())
     with LocalCluster(2) as cluster:
-        summary = run_job(config, cluster.endpoints["control"], lambda d: None)
+        summary = run_job(config, cluster.endpoints["control"], lambda d: None, keys=cluster.keys)
     assert summary["diverged_at"] == reference["diverged_at"] and summary["diverged"] == 2
     assert summary["ticks_run"] == reference["ticks_run"]
