@@ -24,10 +24,11 @@ COPY services ./services
 RUN pip install . && pmgd --help > /dev/null
 
 # An unprivileged user owns the directories the named volumes mount over (a fresh named
-# volume takes the ownership of the image directory it covers).
+# volume takes the ownership of the image directory it covers). /keys stays empty here: the
+# cluster's keys live in a volume (docker-compose.yml), never in the image.
 RUN useradd --system --uid 10001 --home-dir /var/lib/pmgd --shell /usr/sbin/nologin pmgd \
- && mkdir -p /var/lib/pmgd /state /data \
- && chown pmgd:pmgd /var/lib/pmgd /state
+ && mkdir -p /var/lib/pmgd /state /data /keys \
+ && chown pmgd:pmgd /var/lib/pmgd /state /keys
 USER pmgd
 WORKDIR /var/lib/pmgd
 

@@ -12,12 +12,14 @@ the test sees is what the container gets.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import importlib
 import io
 import os
+import posixpath
 import re
 from pathlib import Path
 from unittest import mock
@@ -26,7 +28,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from pmgd_node.shell import keys as cluster_keys
 from pmgd_node.shell import settings as settings_mod
+from services.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -35,7 +39,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 PROMETHEUS = ROOT / "dashboards" / "prometheus.yml"
 GRAFANA = ROOT / "dashboards" / "grafana"
 
-EXPECTED_SERVICES = {"api", "broadcaster", "node", "evaluator", "prometheus", "grafana"}
+EXPECTED_SERVICES = {"keys", "api", "broadcaster", "node", "evaluator", "prometheus", "grafana"}
+KEYS_SERVICE = "keys"  # the one-shot `pmgd keys init DIR --if-missing` the pmgd services wait for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +207,32 @@ def depends(service: dict) -> dict[str, str]:
     return {k: (v or {}).get("condition", "service_started") for k, v in dep.items()}
 
 
+def one_shot(service: dict) -> bool:
+    """A service that runs once and exits (``restart: "no"``; unquoted, YAML 1.1 reads False)."""
+    return service.get("restart") in ("no", False)
+
+
+def mount_of(service: dict, path: str) -> tuple[str, str, bool] | None:
+    """The volume entry ``path`` lies on (the deepest target containing it), or None."""
+    hits = [(src, tgt, ro) for src, tgt, ro in volumes(service)
+            if path == tgt or path.startswith(tgt.rstrip("/") + "/")]
+    return max(hits, key=lambda v: len(v[1])) if hits else None
+
+
+def keys_command(service: dict) -> argparse.Namespace:
+    """The keys service's command, parsed by the ``pmgd`` parser: ``pmgd keys init DIR --if-missing``."""
+    command = service.get("command")
+    if not isinstance(command, list) or command[:3] != ["pmgd", "keys", "init"]:
+        raise AssertionError(f"{KEYS_SERVICE}: command must be a list starting pmgd keys init, got {command!r}")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return build_parser().parse_args(command[1:])
+        except SystemExit:
+            detail = err.getvalue().strip().splitlines()[-1:] or ["?"]
+            raise AssertionError(f"{KEYS_SERVICE}: command {command[1:]} does not parse: {detail[0]}") from None
+
+
 def _safely(check):
     """Turn an AssertionError/ValueError raised while reading the files into a problem."""
 
@@ -245,6 +276,8 @@ def check_environment(compose) -> list[str]:
             if not key.startswith("PMGD_"):
                 continue
             field = key[len(spec.prefix):].lower() if key.startswith(spec.prefix) else None
+            if field is None and key[len("PMGD_"):].lower() in settings_mod.SHARED:
+                field = key[len("PMGD_"):].lower()  # PMGD_KEYS, PMGD_KEY_NAME: every service reads them
             if field not in fields:
                 problems.append(f"{name}: {key} is not {spec.prefix}<field> of {spec.cls} ({sorted(fields)})")
     return problems
@@ -311,6 +344,8 @@ def check_healthchecks(compose) -> list[str]:
     services = compose["services"]
     settings = all_settings(compose)
     for name, service in services.items():
+        if one_shot(service):
+            continue  # runs once and exits: others wait for its exit, not its health
         url = urlsplit(health_url(service))
         if name in PMGD:
             spec = PMGD[name]
@@ -330,8 +365,8 @@ def check_healthchecks(compose) -> list[str]:
 
 @_safely
 def check_depends_on(compose) -> list[str]:
-    """depends_on names existing services with health checks, makes no cycle, and keeps the
-    start order evaluator → broadcaster → node, api → prometheus → grafana."""
+    """depends_on names existing services with health checks (one-shot ones: completed), makes
+    no cycle, and keeps the start order evaluator → broadcaster → node, api → prometheus → grafana."""
     problems = []
     services = compose["services"]
     graph = {name: depends(service) for name, service in services.items()}
@@ -339,6 +374,10 @@ def check_depends_on(compose) -> list[str]:
         for dep, condition in deps.items():
             if dep not in services:
                 problems.append(f"{name}: depends on unknown service {dep!r}")
+            elif one_shot(services[dep]):
+                if condition != "service_completed_successfully":
+                    problems.append(f"{name}: depends on the one-shot {dep} with {condition}, expected "
+                                    f"service_completed_successfully")
             elif condition == "service_healthy" and "healthcheck" not in services[dep]:
                 problems.append(f"{name}: waits for {dep} to be healthy, but {dep} has no health check")
             elif condition != "service_healthy":
@@ -372,12 +411,6 @@ def check_storage(compose) -> list[str]:
     services = compose["services"]
     named = set(compose.get("volumes") or {})
     settings = all_settings(compose)
-
-    def mount_of(service, path):
-        hits = [(src, tgt, ro) for src, tgt, ro in volumes(service)
-                if path == tgt or path.startswith(tgt.rstrip("/") + "/")]
-        return max(hits, key=lambda v: len(v[1])) if hits else None
-
     for name in ("api", "evaluator"):
         if settings[name].data_dir != "/data":
             problems.append(f"{name}: data_dir is {settings[name].data_dir!r}, expected /data")
@@ -392,6 +425,83 @@ def check_storage(compose) -> list[str]:
         if mount is None or mount[0] not in named or mount[2]:
             problems.append(f"{name}: {path!r} must lie on a writable named volume (declared: {sorted(named)}), "
                             f"got {mount}")
+    return problems
+
+
+def zmq_links(name: str, s) -> list[str]:
+    """The fields of a pmgd service's ZeroMQ sockets that reach beyond loopback: binds on
+    another interface, and connections to a TCP endpoint elsewhere."""
+    spec = PMGD[name]
+    binds = [f for f in spec.zmq_binds if not cluster_keys.is_loopback(getattr(s, f))]
+    connects = [f for f, _, _ in spec.connects
+                if str(getattr(s, f)).startswith("tcp://") and not cluster_keys.is_loopback(getattr(s, f))]
+    return binds + connects
+
+
+@_safely
+def check_keys(compose, dockerfile: str) -> list[str]:
+    """The CurveZMQ keys: the one-shot keys service makes them (idempotently) on a volume; every
+    pmgd service with a ZeroMQ socket beyond loopback reads a keys directory (flags or
+    environment, through its settings class) that lies on that same volume, mounted read-only,
+    and starts after the keys service has completed. The image only holds the empty mount
+    point, owned by the services' user (a fresh named volume takes that ownership)."""
+    problems = []
+    services = compose["services"]
+    named = set(compose.get("volumes") or {})
+    service = services.get(KEYS_SERVICE)
+    if service is None:
+        return [f"no {KEYS_SERVICE!r} service: nothing makes the cluster's keys"]
+    args = keys_command(service)
+    if not args.if_missing:
+        problems.append(f"{KEYS_SERVICE}: init without --if-missing fails at the second `up` (the keys exist)")
+    if not one_shot(service):
+        problems.append(f"{KEYS_SERVICE}: must be one-shot (restart: \"no\"), got restart={service.get('restart')!r}")
+    images = {services[n].get("image") for n in PMGD}
+    if service.get("image") not in images or service.get("build") != services["node"].get("build"):
+        problems.append(f"{KEYS_SERVICE}: must run the pmgd image {sorted(map(str, images))} built like the others")
+    made = mount_of(service, args.dir)
+    if made is None:
+        return problems + [f"{KEYS_SERVICE}: {args.dir} is not on a volume: the keys would die with the container"]
+    source, target, read_only = made
+    if read_only:
+        problems.append(f"{KEYS_SERVICE}: {args.dir} is mounted read-only; it writes the keys there")
+    if source not in named and not source.startswith(("/", ".", "~")):
+        problems.append(f"{KEYS_SERVICE}: volume {source!r} is neither declared ({sorted(named)}) nor a host path")
+    inside = posixpath.relpath(args.dir, target)
+    settings = all_settings(compose)
+    for name in PMGD:
+        links = zmq_links(name, settings[name])
+        if not links:
+            continue
+        keys = settings[name].keys
+        if not keys:
+            problems.append(f"{name}: ZeroMQ {links} go beyond loopback, but it has no keys directory "
+                            f"(PMGD_KEYS or --keys)")
+            continue
+        mount = mount_of(services[name], keys) if keys.startswith("/") else None
+        if mount is None:
+            problems.append(f"{name}: keys={keys!r} is not on a volume: the keys would have to be in the image")
+            continue
+        if not mount[2]:
+            problems.append(f"{name}: the keys mount {mount[1]} must be read-only (only {KEYS_SERVICE} writes it)")
+        if mount[0] != source or posixpath.relpath(keys, mount[1]) != inside:
+            problems.append(f"{name}: keys={keys} on {mount[0]!r}, but {KEYS_SERVICE} makes them in {source!r} "
+                            f"at {args.dir}")
+        if depends(services[name]).get(KEYS_SERVICE) != "service_completed_successfully":
+            problems.append(f"{name}: must wait for {KEYS_SERVICE} (condition: service_completed_successfully)")
+    for name, other in services.items():
+        if name != KEYS_SERVICE and any(src == source and not ro for src, _, ro in volumes(other)):
+            problems.append(f"{name}: mounts the keys ({source!r}) writable; only {KEYS_SERVICE} may")
+    lines = [ln.strip() for ln in dockerfile.replace("\\\n", " ").splitlines()]
+    if any(re.search(r"(?<![\w-])keys?(?![\w-])", ln) for ln in lines if ln.startswith(("COPY", "ADD"))):
+        problems.append("Dockerfile: copies keys into the image")
+    if source in named:
+        user = next((ln.split()[1] for ln in reversed(lines) if ln.startswith("USER ")), "root")
+        owned = any(re.search(rf"\bchown\s+{re.escape(user)}\S*\s.*(?<!\S){re.escape(target)}(?!\S)", ln)
+                    for ln in lines if ln.startswith("RUN"))
+        if user != "root" and not owned:
+            problems.append(f"Dockerfile: {target} must exist and belong to {user} (the volume {source!r} takes the "
+                            f"mount point's owner; otherwise {KEYS_SERVICE} cannot write there)")
     return problems
 
 
@@ -557,6 +667,8 @@ def test_parsed_settings_are_the_compose_topology(compose):
     assert s["api"].token == "change-me"  # ${PMGD_API_TOKEN:-change-me}, host variable unset
     assert s["evaluator"].token == s["api"].evaluator_token == "change-me"  # the one token the API sends it
     assert (s["broadcaster"].metrics_port, s["node"].metrics_port) == (9101, 9102)
+    assert {s[name].keys for name in PMGD} == {"/keys"}  # PMGD_KEYS, read through each settings class
+    assert keys_command(compose["services"][KEYS_SERVICE]).dir == "/keys"
 
 
 def test_environment_names_settings_fields(compose):
@@ -585,6 +697,10 @@ def test_depends_on_targets_exist_without_cycles(compose):
 
 def test_storage(compose):
     assert check_storage(compose) == []
+
+
+def test_keys_on_a_volume(compose):
+    assert check_keys(compose, DOCKERFILE.read_text(encoding="utf-8")) == []
 
 
 def test_nodes_scale(compose):
@@ -616,6 +732,13 @@ def test_interpolation():
 # Each check, fed a copy of the files with one thing broken, reports it.
 def _service(c, name):
     return c["services"][name]
+
+
+def _remount(c, name, target, entry=None):
+    """Drop the volume entry of ``name`` mounted at ``target``; put ``entry`` in its place."""
+    service = _service(c, name)
+    service["volumes"] = [v for v in service["volumes"] if volumes({"volumes": [v]})[0][1] != target]
+    service["volumes"] += [entry] if entry else []
 
 
 def _replace_flag(c, name, flag, value):
@@ -664,6 +787,26 @@ MUTATIONS = {
         "volumes", ["./data:/data"]), "read-only"),
     "state not on a volume": (check_storage, lambda c, p: _replace_flag(c, "broadcaster", "--state-dir", "/tmp/s"),
                               "/tmp/s"),
+    "wait for a one-shot's health": (check_depends_on, lambda c, p: _service(c, "node")["depends_on"].__setitem__(
+        "keys", {"condition": "service_healthy"}), "service_completed_successfully"),
+    "no keys service": (check_keys, lambda c, p: c["services"].pop("keys"), "no 'keys' service"),
+    "keys init not idempotent": (check_keys, lambda c, p: _service(c, "keys")["command"].remove("--if-missing"),
+                                 "--if-missing"),
+    "keys service restarts": (check_keys, lambda c, p: _service(c, "keys").__setitem__("restart", "unless-stopped"),
+                              "one-shot"),
+    "keys made in the container": (check_keys, lambda c, p: _service(c, "keys").pop("volumes"), "not on a volume"),
+    "node without keys": (check_keys, lambda c, p: _service(c, "node")["environment"].pop("PMGD_KEYS"),
+                          "node: ZeroMQ"),
+    "evaluator without keys": (check_keys, lambda c, p: _service(c, "evaluator")["environment"].pop("PMGD_KEYS"),
+                               "evaluator: ZeroMQ ['endpoint']"),
+    "keys in the image": (check_keys, lambda c, p: _remount(c, "broadcaster", "/keys"), "broadcaster: keys='/keys'"),
+    "keys flag off the volume": (check_keys, lambda c, p: _replace_flag(c, "node", "--keys", "/etc/pmgd-keys"),
+                                 "/etc/pmgd-keys"),
+    "keys writable": (check_keys, lambda c, p: _remount(c, "api", "/keys", "cluster-keys:/keys"), "read-only"),
+    "keys of another volume": (check_keys, lambda c, p: _remount(c, "evaluator", "/keys", "api-data:/keys:ro"),
+                               "'api-data'"),
+    "keys not awaited": (check_keys, lambda c, p: _service(c, "broadcaster")["depends_on"].pop("keys"),
+                         "broadcaster: must wait for keys"),
     "fixed node id": (check_nodes, lambda c, p: _service(c, "node")["command"].append("--node-id=n1"), "node_id"),
     "scrape wrong port": (check_scrape_targets, lambda c, p: p["scrape_configs"][1]["static_configs"][0]
                           .__setitem__("targets", ["broadcaster:9102"]), "9102"),
@@ -688,7 +831,8 @@ MUTATIONS = {
 def test_checker_catches(case, compose, prometheus):
     check, mutate, expected = MUTATIONS[case]
     c, p = copy.deepcopy(compose), copy.deepcopy(prometheus)
-    args = {"check_scrape_targets": (c, p), "check_build": (c, DOCKERFILE.read_text(encoding="utf-8"))}
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    args = {"check_scrape_targets": (c, p), "check_build": (c, dockerfile), "check_keys": (c, dockerfile)}
     baseline = check(*args.get(check.__name__, (c,)))
     assert baseline == [], baseline
     mutate(c, p)
@@ -702,6 +846,15 @@ def test_checker_catches_dockerfile_without_install(compose):
     broken = re.sub(r"pip install \.", "pip install -r requirements.txt", text)
     assert broken != text
     assert any("pip install ." in problem for problem in check_build(compose, broken))
+
+
+def test_checker_catches_dockerfile_keys(compose):
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    unowned = re.sub(r"(chown pmgd:pmgd [^\n]*) /keys", r"\1", text)
+    assert unowned != text
+    assert any("/keys must exist and belong to pmgd" in problem for problem in check_keys(compose, unowned))
+    baked = text.replace("COPY services ./services", "COPY services ./services\nCOPY keys /keys")
+    assert any("copies keys" in problem for problem in check_keys(compose, baked))
 
 
 def test_checker_catches_gpu_override_additions():
