@@ -137,6 +137,10 @@ class Broadcaster:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pub = self.ctx.socket(zmq.PUB)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # A node that reconnects under its id takes the id over: after a long partition our
+        # side may still hold its old, half-open connection, and without handover ZeroMQ
+        # would refuse the new one for ever (only authorized peers get this far).
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         for sock, ep in ((self.router, settings.control), (self.pull, settings.weights), (self.pub, settings.cost)):
             sock.setsockopt(zmq.LINGER, 0)
             cluster_keys.bind(sock, ep, keys, "PMGD_KEYS (or --keys)")
