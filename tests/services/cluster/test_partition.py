@@ -94,18 +94,23 @@ def _alive(pid: int) -> bool:
 def _remove_stale() -> None:
     """Namespaces left by an earlier run of this test that was killed (its pid is gone)."""
     listed = _ip("netns", "list", check=False).stdout
-    for name in re.findall(r"^(pmgdp(\d+)[abc])\b", listed, re.M):
+    for name in re.findall(r"^(pmgdp(\d+)[a-z]?[abc])\b", listed, re.M):
         if not _alive(int(name[1])):
             _ip("netns", "del", name[0], check=False)
 
 
 class Hosts:
-    """Namespaces A (with the bridge), B and C, and a veth from the root namespace into A."""
+    """Namespaces A (with the bridge), B and C, and a veth from the root namespace into A.
 
-    def __init__(self):
+    ``tag`` (one letter) tells apart the hosts of two clusters up at once; ``blackhole`` pins
+    the neighbour entries (see BLACKHOLE).
+    """
+
+    def __init__(self, tag: str = "", blackhole: bool = BLACKHOLE):
         pid = os.getpid()
-        self.ns = {h: f"pmgdp{pid}{h}" for h in "abc"}
-        self.host_link = f"pmgdp{pid}h"  # the root namespace's end of its link into A
+        self.ns = {h: f"pmgdp{pid}{tag}{h}" for h in "abc"}
+        self.host_link = f"pmgdp{pid}{tag}h"  # the root namespace's end of its link into A
+        self.blackhole = blackhole
         used = _ip("-4", "route", "show", "table", "all", check=False).stdout
         third = next(k for k in [pid % 250 + 1, *range(1, 255)] if f"10.231.{k}." not in used)
         self.net = f"10.231.{third}"
@@ -129,7 +134,7 @@ class Hosts:
         _ip("-n", a, "link", "set", "to-root", "master", "br0", "up")
         _ip("addr", "add", f"{self.addr['root']}/24", "dev", self.host_link)
         _ip("link", "set", self.host_link, "up")
-        if BLACKHOLE:
+        if self.blackhole:
             a_mac = self._mac("a", "br0")
             for h in "bc":
                 _ip("-n", a, "neigh", "replace", self.addr[h], "lladdr", self._mac(h, "eth0"), "nud", "permanent",
@@ -146,6 +151,19 @@ class Hosts:
 
     def restore(self, h: str) -> None:
         _ip("-n", self.ns["a"], "link", "set", f"to-{h}", "up")
+
+    def sysctl(self, h: str, setting: str) -> None:
+        """Set a per-namespace sysctl (net.ipv4.tcp_*) on host ``h`` only."""
+        proc = subprocess.run(["ip", "netns", "exec", self.ns[h], "sysctl", "-qw", setting], capture_output=True,
+                              text=True, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sysctl -w {setting} on {h}: {proc.stderr.strip()}")
+
+    def tcp(self, h: str, port: int) -> list[str]:
+        """Host ``h``'s TCP sockets to A's ``port`` as ``ss`` lists them (state, local address, …)."""
+        out = subprocess.run(["ip", "netns", "exec", self.ns[h], "ss", "-Htna", "dst", f"{self.addr['a']}:{port}"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return [line for line in out.splitlines() if line.strip()]
 
     def down(self) -> None:
         for ns in self.ns.values():  # a namespace's veth ends go with it, and so do their peers
@@ -271,22 +289,28 @@ def _run_in_thread(config: JobConfig, cluster: Cluster, reports: list) -> tuple[
     return thread, box
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def _cluster_up(hosts: Hosts, tmp: str, prepare=None):
+    """Bring ``hosts`` up (then ``prepare(hosts)``), start the cluster on them, yield it."""
     why = _why_no_netns()
     if why:
         pytest.skip(why)
-    hosts = Hosts()
     cluster = None
     try:
         hosts.up()
-        cluster = Cluster(hosts, str(tmp_path_factory.mktemp("partition"))).start()
+        if prepare is not None:
+            prepare(hosts)
+        cluster = Cluster(hosts, tmp).start()
         cluster.wait_ready()
         yield cluster
     finally:
         if cluster is not None:
             cluster.stop()
         hosts.down()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from _cluster_up(Hosts(), str(tmp_path_factory.mktemp("partition")))
 
 
 def _job_tick(cluster: Cluster) -> int:
@@ -389,3 +413,83 @@ def test_async_job_runs_on_through_a_partition(cluster, record_property):
                "cut_s": round(restored_at - cut_at, 2), "ticks_during_cut": tick_at_restore - tick_at_cut}
     print(f"\npartition, async: {figures}")
     record_property("partition_async", figures)
+
+
+# A cut that outlasts the node's own TCP: B gives up on its unacknowledged data after
+# net.ipv4.tcp_retries2 retransmissions (a per-namespace sysctl; 15 by default, about 15 min).
+# With 3 the kernel's limit is (2⁴ − 1) × 200 ms = 3 s from the first unacknowledged segment,
+# checked when the retransmission timer fires (0.2, 0.6, 1.4, 3.0 s, …), counted from the
+# first heartbeat sent into the cut: B drops its control connection 3.5–4.5 s into the cut
+# (measured), ZeroMQ reconnects, and the reconnect's SYNs are lost until the link is back.
+# A 12 s cut is three times that: B has given up, and asked to join again, well before.
+SHORT_RETRIES2 = 3
+LONG_CUT_S = 12.0
+TAKEN_BACK_S = 20.0  # link back → running again: the next SYN retransmit, handshake, Join, Assign (~3 s)
+
+
+@pytest.fixture
+def impatient_cluster(tmp_path):
+    """Its own hosts: silent drop on the cut, and B's TCP gives up after SHORT_RETRIES2."""
+    yield from _cluster_up(Hosts(tag="r", blackhole=True), str(tmp_path),
+                           prepare=lambda hosts: hosts.sysctl("b", f"net.ipv4.tcp_retries2={SHORT_RETRIES2}"))
+
+
+def _local_ports(lines: list[str], state: str) -> set[str]:
+    return {line.split()[3] for line in lines if line.split()[0] == state}
+
+
+def test_node_is_taken_back_after_a_cut_that_outlasts_its_tcp(impatient_cluster, record_property):
+    """The broadcaster still holds B's old control connection (half-open: nothing it sends
+    there is pending, so its side never times out) when B reconnects under the same routing
+    id; without ROUTER_HANDOVER ZeroMQ refuses the new connection for ever and B keeps saying
+    "broadcaster silent … joining again"."""
+    cluster = impatient_cluster
+    hosts, control = cluster.hosts, PORTS["control"]
+    config = JobConfig(nodes=2, seeds=2, max_ticks=2500, target_accuracy=None, checkpoint_every=200,
+                       eval_every=50, seed=23)
+    broadcaster, node_b = cluster.services["broadcaster"], cluster.services["node-b"]
+    reports: list = []
+    thread, box = _run_in_thread(config, cluster, reports)
+    cut_at = restored_at = None
+    try:
+        _wait_for(lambda: _job_tick(cluster) >= 600, 60, "the job to pass tick 600")
+        old = _local_ports(hosts.tcp("b", control), "ESTAB")
+        assert len(old) == 1, hosts.tcp("b", control)  # node-b's control connection
+        hosts.cut("b")
+        cut_at = time.monotonic()
+        _wait_for(lambda: cluster.status()["state"] == "paused", 15, "the job to pause")
+        assert "node-b" in cluster.status()["pause_reason"]
+        paused_tick = _job_tick(cluster)
+        # B's TCP gives up: the old control connection is gone (ETIMEDOUT), not merely quiet.
+        gave_up_at = _wait_for(lambda: not old & _local_ports(hosts.tcp("b", control), "ESTAB"), LONG_CUT_S + 10,
+                               "node-b's TCP to give up its control connection", every=0.2)
+        time.sleep(max(0.0, cut_at + LONG_CUT_S - time.monotonic()))
+        assert _job_tick(cluster) == paused_tick and cluster.status()["state"] == "paused"
+        hosts.restore("b")
+        restored_at = time.monotonic()
+        try:
+            _wait_for(lambda: broadcaster.first(r"running from tick", after=restored_at), TAKEN_BACK_S,
+                      "node-b to be taken back and the job to resume once the link is back")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nnode-b:\n{cluster.tail('node-b')}\nbroadcaster:\n"
+                                 f"{cluster.tail('broadcaster')}\nB's control sockets: "
+                                 f"{hosts.tcp('b', control)}") from None
+        resumed_tick = int(broadcaster.first(r"running from tick (\d+)", after=restored_at)[1][1])
+        ticking_at = _wait_for(lambda: _job_tick(cluster) > resumed_tick, 60, "the resumed job to tick")
+        thread.join(180)
+    finally:
+        if restored_at is None and cut_at is not None:
+            hosts.restore("b")
+    assert "error" not in box, box.get("error")
+    summary = box["summary"]
+    assert summary["epochs"] == 2, summary["epochs"]  # one resume
+    _assert_identical(summary, config)
+
+    joined = broadcaster.first(r"node node-b joined", after=restored_at)
+    resumed = broadcaster.first(r"running from tick (\d+)", after=restored_at)
+    figures = {"gave_up_s": round(gave_up_at - cut_at, 2), "cut_s": round(restored_at - cut_at, 2),
+               "rejoined_s": round(joined[0] - restored_at, 2), "resume_s": round(resumed[0] - restored_at, 2),
+               "ticking_s": round(ticking_at - restored_at, 2),
+               "rejoin_attempts": sum(1 for at, line in node_b.lines if at >= cut_at and "joining again" in line)}
+    print(f"\npartition outlasting TCP, sync: {figures}")
+    record_property("partition_outlasting_tcp", figures)
