@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup train test lint bench clean browser lock
+.PHONY: setup train test test-compose lint bench clean browser lock
 
 # The exact versions CI tested (requirements.lock), not whatever the registry holds today;
 # pip check fails the install if the lock lacks a dependency of pyproject.toml or torch.
@@ -42,6 +42,13 @@ lint: $(STAMP)
 
 test: lint browser
 	$(BIN)/python -m pytest
+
+# The cluster in containers, as a compose user meets it (tests/compose): a Docker engine,
+# the compose plugin, a base image and the cluster image first (scripts/compose-env.sh:
+# each step skipped when done), then `docker compose up` with three nodes and the checks.
+test-compose: $(STAMP)
+	./scripts/compose-env.sh > .compose-env
+	. ./.compose-env && $(BIN)/python -m pytest -m compose tests/compose
 
 # Re-resolve the lock from pyproject.toml in a scratch venv (after changing dependencies).
 lock:

@@ -60,3 +60,15 @@ def test_the_evaluator_imports_nothing_of_the_api():
     # The API calls the evaluator; what both serve at their HTTP edge is services/http_edge.py.
     assert offending(files("services/evaluator"), ("services.api",)) == {}
     assert "services.http_edge.Guard" in imports("services/evaluator/service.py")
+
+
+def test_the_node_process_needs_neither_torch_nor_matplotlib():
+    """The node image (Dockerfile `--target node`) ships without them: `pmgd node` must not import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from services.cli import main\n"
+            "try:\n    main(['node', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out

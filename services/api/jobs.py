@@ -173,6 +173,10 @@ class Run(threading.Thread):
             self.set_state("failed", f"failed: {type(err).__name__}: {err}", error=f"{type(err).__name__}: {err}")
             return
         self.rec.flush()
+        if self.halt == "interrupted" and self.RUNS_ELSEWHERE:
+            # It runs on without us: it stays 'running', and our next start follows it again.
+            self.store.log(self.id, "the API stopped; the job runs on (followed again when the API starts)")
+            return
         runs, diverged = summary.get("runs", self.config.seeds), summary.get("diverged", 0)
         state = self.halt or ("diverged" if diverged and diverged == runs else "finished")
         error = {"interrupted": "the service stopped while the job was active",
@@ -182,6 +186,8 @@ class Run(threading.Thread):
         if diverged:
             text += f", {diverged}/{runs} diverged"
         self.set_state(state, text, error=error, summary=summary)
+
+    RUNS_ELSEWHERE = False  # does the job go on when this thread is interrupted?
 
     def execute(self) -> dict:
         raise NotImplementedError
@@ -249,6 +255,8 @@ class LocalRun(Run):
 
 class ClusterRun(Run):
     """The job on a cluster: submitted to the broadcaster at ``control``; re-attaches by job id."""
+
+    RUNS_ELSEWHERE = True  # on the broadcaster
 
     def __init__(self, store: Store, job: dict, control: str, on_flush=None,
                  evaluator: EvaluatorService | None = None, keys: Keys | None = None):
@@ -324,7 +332,14 @@ class Jobs:
         self.metrics = metrics
         self.runs: dict[str, Run] = {}
         self.lock = threading.Lock()
+        # A cluster job runs on the broadcaster whatever becomes of us: follow again those we
+        # were following (re-submitting by id hands us the live job or its stored result).
+        # Local jobs ran here and stay interrupted until resumed.
+        following = [j["id"] for j in self.store.list() if j["state"] == "running" and j["engine"] == "cluster"]
         self.store.recover()
+        if settings.broadcaster:
+            for job_id in following:
+                self.act(job_id, "resume")
 
     @contextlib.contextmanager
     def _known(self, job_id: str) -> Iterator[None]:

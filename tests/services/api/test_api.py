@@ -297,6 +297,29 @@ def test_cluster_job_lifecycle_over_rest_and_remote_scoring(tmp_path):
         assert report["accuracy"] == model.accuracy(_theta(data)[1:2], batch)[0]
 
 
+@pytest.mark.slow
+def test_a_restarted_api_follows_its_cluster_job_again_and_loses_nothing(tmp_path):
+    """The API stopped mid-job (the broadcaster runs on) and started again: it re-attaches to
+    the job by itself, which ends finished on the engine's exact θ⁰."""
+    db = tmp_path / "c.sqlite"
+    with LocalCluster(2) as cluster:
+        cluster.wait_ready()
+        flags = (f"--broadcaster={cluster.endpoints['control']}", f"--keys={cluster.keys_dir}")
+        server = Api(db, *flags)
+        config = JobConfig(nodes=2, seeds=2, max_ticks=8000, target_accuracy=None, seed=12)
+        job = server.ok("POST", "/jobs", {"config": config.to_dict(), "engine": "cluster", "start": True},
+                        expect=201)["id"]
+        wait_for(lambda: server.ok("GET", f"/jobs/{job}")["tick"] >= 500, 60, "the job to pass tick 500")
+        assert server.stop() == 0
+        server = Api(db, *flags)
+        done = server.wait_state(job, FINAL, timeout_s=120)
+        assert done["state"] == "finished" and done["tick"] == config.max_ticks, done
+        reference = Engine(config)
+        reference.run()
+        np.testing.assert_array_equal(_theta(server.ok("GET", f"/jobs/{job}/checkpoint")), reference.theta0)
+        server.stop()
+
+
 def test_a_diverging_local_job_ends_diverged_and_still_serves_its_metrics(api, tmp_path):
     """It ends ``diverged`` with the tick in its summary and error; its metrics still serve (JSON has
     no NaN: values that are not finite are left out of the series)."""
