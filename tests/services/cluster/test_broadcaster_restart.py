@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from test_cluster import _wait_for  # the test directory is on sys.path
 
 from pmgd_node.config import JobConfig
 from services.cluster.client import run_job, status
@@ -49,15 +50,6 @@ def _run_in_thread(config: JobConfig, cluster: LocalCluster, resubmit_s: float =
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, box
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _restart_broadcaster(cluster: LocalCluster, log_dir) -> int:
