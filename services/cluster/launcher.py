@@ -54,8 +54,8 @@ class LocalCluster:
         self.say = say or (lambda text: None)
         self._own_keys = keys is None
         self.keys_dir = tempfile.mkdtemp(prefix="pmgd-keys-") if keys is None else keys
-        if self.keys_dir and not os.path.exists(os.path.join(self.keys_dir, "server.key")):
-            cluster_keys.init(self.keys_dir)
+        if self.keys_dir:
+            cluster_keys.init(self.keys_dir, if_missing=True)
         self.keys = cluster_keys.load_optional(self.keys_dir)
         ports = [free_port() for _ in range(3)]
         self.host = host
