@@ -49,17 +49,26 @@ fi
 # 3. The base image: the public one if it can be pulled, else a local Debian bookworm.
 BASE=python:3.12-slim
 TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+usable() {  # an image whose python3 an unprivileged user can run (the services run as one)
+    docker run --rm --user 65534 "$1" python3 -c pass >/dev/null 2>&1
+}
 if ! docker image inspect "$BASE" >/dev/null 2>&1 && ! timeout 60 docker pull -q "$BASE" >/dev/null 2>&1; then
     BASE=$LOCAL_BASE
+    if docker image inspect "$BASE" >/dev/null 2>&1 && ! usable "$BASE"; then
+        say "removing $BASE: an unprivileged user cannot run its python3"
+        docker image rm -f "$BASE" >/dev/null
+    fi
     if ! docker image inspect "$BASE" >/dev/null 2>&1; then
         command -v debootstrap >/dev/null || { say "installing debootstrap"; apt_install debootstrap; }
         rootfs=$(mktemp -d /var/tmp/pmgd-rootfs.XXXXXX)
+        chmod 755 "$rootfs"  # it becomes the image's /: mktemp's 0700 would lock every other user out
         mirror=$(sed -n 's/^URIs: *\(http[^ ]*\/debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
         say "making $BASE with debootstrap (${mirror:-the default mirror})"
         $SUDO debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
             bookworm "$rootfs" ${mirror:+"$mirror"} >&2
         $SUDO tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
         $SUDO rm -rf "$rootfs"
+        usable "$BASE" || { say "$BASE was made but an unprivileged user cannot run its python3"; exit 1; }
     fi
     # Its Python is 3.11: the CPU torch wheel pip's find-links hold for this host fits it.
     wheel=$(ls /opt/wheels/torch-*-cp311-*.whl 2>/dev/null | head -1 || true)
