@@ -29,13 +29,21 @@ CORRELATIONS = ("tagged", "untagged")
 JITTER_DISTS = ("uniform", "exponential")
 # Link-model fields a per-node override (``node_links``) may set.
 LINK_FIELDS = ("delay", "jitter", "drop", "up_delay", "up_jitter", "up_drop", "drift")
-_TASK_RE = re.compile(r"^(parity([2-9]|1[0-2])|fmnist|cifar10)$")
+_TASK_RE = re.compile(r"^(parity([2-9]|1[0-2])|fmnist|cifar10|custom)$")
 _MLP_RE = re.compile(r"^\d+(-\d+)+$")
-TASK_HELP = "parity2..parity12, fmnist, cifar10"
+TASK_HELP = "parity2..parity12, fmnist, cifar10, custom (with model)"
+# A user's network: "path/to/file.py:NAME" or "package.module:NAME" (services/evaluator/user_model.py).
+_MODEL_RE = re.compile(r"^[^:\x00]{1,1000}:[A-Za-z_][A-Za-z0-9_]{0,200}$")
+# A chip-protocol endpoint (docs/chip-protocol.md).
+_CHIP_RE = re.compile(r"^(tcp://[A-Za-z0-9_.\-\[\]:*]{1,250}:\d{1,5}|ipc://[^\x00]{1,250})$")
 
 # One line per field: `pmgd train --help` and the API's JSON schema both show it.
 FIELD_HELP = {
-    "task": "parity2..parity12, fmnist or cifar10",
+    "task": "parity2..parity12, fmnist, cifar10, or custom (set by model)",
+    "model": "your own network: PATH.py:NAME or package.module:NAME (docs/bring-your-own.md); sets task custom",
+    "chip": "chip-protocol endpoint tcp://HOST:PORT that runs the forward passes ('' = in-process)",
+    "chip_timeout": "seconds to wait for one chip answer before retrying",
+    "chip_retries": "times a chip request is sent again before the job stops with an error",
     "network": "MLP spec like 2-2-1 for parity",
     "perturbation": "perturbation type",
     "mode": "discrete (sample and hold) or analog (continuous time)",
@@ -146,6 +154,8 @@ BOUNDS: dict[str, Bound] = {
     "weight_decay": Bound(float, 0.0, 1e6),
     "eta_decay_ticks": Bound(int, 0, 10**12),
     "eta_decay_power": Bound(float, 0.0, 2.0, lo_open=True),
+    "chip_timeout": Bound(float, 0.0, 3600.0, lo_open=True),
+    "chip_retries": Bound(int, 0, 100),
 }
 # Parameters × runs a job may hold. The engine keeps θ⁰, G and a block of 64 ticks of θ̃ per
 # value (pmgd_node/node.py, BLOCK): at this bound about 2.2 GB of float64, so one request
@@ -181,7 +191,7 @@ def _default_network(task: str) -> str:
 class JobConfig:
     """One PMGD training job. Defaults are the documented 2-bit parity setting (README)."""
 
-    task: str = "parity2"
+    task: str = "parity2"  # "custom" when ``model`` names the user's own network
     network: str = ""  # "" → the task's reference network (2-2-1, 3-3-1, cnn-fmnist, cnn-cifar10)
     perturbation: str = "rcm"
     mode: str = "discrete"
@@ -245,10 +255,25 @@ class JobConfig:
     # estimate injects, ∝ Σ η_t², grows slower (p = 1/2: logarithmically). 0: constant η.
     eta_decay_ticks: int = 0
     eta_decay_power: float = 0.5
+    # --- your own network, your own chip (docs/bring-your-own.md) ---
+    # "file.py:NAME" or "package.module:NAME": a function returning the model and its data;
+    # the task is then "custom" and the network is this reference.
+    model: str = ""
+    # Endpoint of a chip that runs the forward passes over the chip protocol (docs/chip-protocol.md);
+    # each request waits chip_timeout seconds and is sent again up to chip_retries times.
+    chip: str = ""
+    chip_timeout: float = 10.0
+    chip_retries: int = 3
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not _TASK_RE.match(self.task):
             raise ConfigError("task", f"must be one of {TASK_HELP}; got {self.task!r}")
+        if not isinstance(self.model, str) or (self.model and not _MODEL_RE.match(self.model)):
+            raise ConfigError("model", f"must be 'PATH.py:NAME' or 'package.module:NAME'; got {self.model!r}")
+        if self.model and self.task == "parity2":  # the default task: a model replaces it
+            object.__setattr__(self, "task", "custom")
+        if self.task == "custom" and not self.network:
+            object.__setattr__(self, "network", self.model)
         if not self.network:
             object.__setattr__(self, "network", _default_network(self.task))
         if not isinstance(self.fm_band, (list, tuple)):
@@ -264,8 +289,11 @@ class JobConfig:
         return "sum" if self.mode == "discrete" else "lowpass"
 
     @property
-    def num_params(self) -> int:
-        """P of the job's network: an MLP's weights and biases, or the CNN's fixed count."""
+    def num_params(self) -> int | None:
+        """P of the job's network: an MLP's weights and biases, or the CNN's fixed count; None
+        for a custom model (known once it is built)."""
+        if self.task == "custom":
+            return None
         if self.task in CNN_PARAMS:
             return CNN_PARAMS[self.task]
         layers = [int(n) for n in self.network.split("-")]
@@ -379,15 +407,27 @@ def _validate(c: JobConfig) -> None:
         if layers[0] != n or layers[-1] != 1 or min(layers) < 1:
             raise ConfigError("network", f"must start with {n} inputs and end with 1 output for {c.task}; "
                                          f"got {c.network!r}")
+    elif c.task == "custom":
+        if not c.model:
+            raise ConfigError("model", "task custom trains your own network: set model to 'PATH.py:NAME' or "
+                                       "'package.module:NAME'")
+        if c.network != c.model:
+            raise ConfigError("network", f"a custom model's network is its model reference {c.model!r}; "
+                                         f"got {c.network!r}")
+    elif c.model:
+        raise ConfigError("model", f"a model replaces the built-in task; use task custom (or leave task unset), "
+                                   f"not {c.task!r}")
     elif c.network != f"cnn-{c.task}":
         raise ConfigError("network", f"must be 'cnn-{c.task}' for task {c.task}; got {c.network!r}")
+    if not isinstance(c.chip, str) or (c.chip and not _CHIP_RE.match(c.chip)):
+        raise ConfigError("chip", f"must be '' or an endpoint like tcp://HOST:PORT; got {c.chip!r}")
     for name, choices in CHOICES.items():
         _choice(name, getattr(c, name), choices)
     for name, bound in BOUNDS.items():
         value = getattr(c, name)
         if value is not None or name not in _OPTIONAL:
             bound.check(name, value)
-    if c.num_params * c.seeds > MAX_JOB_VALUES:
+    if c.num_params is not None and c.num_params * c.seeds > MAX_JOB_VALUES:
         raise ConfigError("seeds", f"the job holds {c.num_params:,} parameters × {c.seeds:,} runs = "
                                    f"{c.num_params * c.seeds:,} values; at most {MAX_JOB_VALUES:,} (fewer runs per "
                                    "job, or several jobs)")
@@ -447,6 +487,10 @@ def json_schema() -> dict[str, Any]:
             prop = {"type": "string", "enum": list(CHOICES[f.name])}
         elif f.name == "task":
             prop = {"type": "string", "pattern": _TASK_RE.pattern}
+        elif f.name in ("model", "chip"):
+            pattern = (_MODEL_RE if f.name == "model" else _CHIP_RE).pattern
+            prop = {"type": "string", "maxLength": 1202 if f.name == "model" else 256,
+                    "pattern": f"^$|{pattern}"}
         elif f.name == "fm_band":
             prop = {"type": "array", "items": {"type": "number", "minimum": 0.0, "maximum": 0.5},
                     "minItems": 2, "maxItems": 2}
