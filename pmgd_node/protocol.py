@@ -23,14 +23,23 @@ CostVariation   broadcaster → nodes (PUB/SUB)     C̃ per run, its tick and se
 Submit          client → broadcaster (ROUTER)     a job config to run
 Progress        broadcaster → client (ROUTER)     an evaluation point, or the final result
 Status          client ↔ broadcaster (ROUTER)     ask (empty data) / answer: state, nodes, drops
-CostRequest     broadcaster → evaluator (ROUTER)  the remote evaluator hop: θ of every run, sample indices
-CostReply       evaluator → broadcaster           C per run, or an error
 ==============  ===============================  ==========================================
+
+**The chip protocol** (second half of this module, docs/chip-protocol.md): trainer ↔ chip,
+the forward passes of a job run by a device (or by ``pmgd evaluator``). Its header is a UTF-8
+JSON object instead of msgpack, so that a chip needs only pyzmq, numpy and the standard
+library; its arrays travel as raw little-endian frames as here. The trainer (a DEALER,
+:mod:`services.chip.client`) encodes :class:`ChipHello` and :class:`ChipCost` and decodes the
+replies with :func:`decode_chip_reply`; a chip (a ROUTER) decodes with
+:func:`decode_chip_request` and answers :class:`ChipInfo`, :class:`ChipCostReply` or
+:class:`ChipErrorReply`. Every malformed frame raises :class:`ChipProtocolError`, a
+:class:`ProtocolError` whose ``reason`` is one of :data:`CHIP_DROP_REASONS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -195,32 +204,9 @@ class Status(Message):
     data: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class CostRequest(Message):
-    """Broadcaster → remote evaluator: C(θ) of each run on the training samples ``indices``."""
-
-    TYPE: ClassVar[str] = "cost_request"
-    ARRAYS: ClassVar[tuple[str, ...]] = ("theta", "indices")
-    job: str
-    seq: int
-    config: dict
-    theta: np.ndarray
-    indices: np.ndarray
-
-
-@dataclass(frozen=True)
-class CostReply(Message):
-    TYPE: ClassVar[str] = "cost_reply"
-    ARRAYS: ClassVar[tuple[str, ...]] = ("cost",)
-    job: str
-    seq: int
-    cost: np.ndarray | None = None
-    error: str = ""
-
-
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress,
-                        Status, CostRequest, CostReply)
+                        Status)
 }
 _FIELD_TYPES = {int: int, str: str, dict: dict, bool: bool}
 _NP_DTYPES = {name: np.dtype(name) for name in _DTYPES}
@@ -353,3 +339,301 @@ def decode(frames: list[bytes]) -> Message:
 def _base_type(annotation: str) -> type:
     # Annotations are strings (``from __future__ import annotations``): map the few we use.
     return {"int": int, "str": str, "dict": dict, "bool": bool}[annotation]
+
+
+# ================================================================================================
+# The chip protocol v1 (docs/chip-protocol.md): trainer (DEALER) ↔ chip (ROUTER).
+#
+# A message is [header] [array 0] [array 1] …: the header a UTF-8 JSON object
+#     {"chip": 1, "op": …, "seq": n, "job": "…", <op fields>…,
+#      "arrays": [{"name": …, "dtype": "<f8" | "<i8", "shape": […]}, …]}
+# and one frame per listed array, in that order, holding its raw little-endian bytes (C order).
+# ================================================================================================
+
+CHIP_VERSION = 1
+CHIP_MAX_BYTES = 256 * 1024 * 1024  # whole message, header and arrays (as MAX_MESSAGE_BYTES)
+CHIP_MAX_HEADER_BYTES = 1 << 20  # the JSON header alone (a hello carries the job config)
+CHIP_MAX_RUNS = 100_000  # S: rows of θ (JobConfig.seeds ≤ 100,000)
+CHIP_MAX_SAMPLES = 1_000_000  # B: indices of one request
+CHIP_MAX_OUTPUTS = 1 << 16  # O: outputs per sample
+CHIP_MAX_JOB = 256  # characters of a job id
+CHIP_MAX_NAME = 256  # characters of a chip's name
+CHIP_MAX_TEXT = 4096  # characters of an error text
+CHIP_SPLITS = ("train", "test")
+# unknown_job: the chip holds nothing for this job (it restarted): say hello, then ask again.
+# busy: a passing condition; the same request may succeed when sent again.
+# bad_request: the request cannot succeed (wrong width, index out of range…): never retried.
+CHIP_ERROR_CODES = ("unknown_job", "busy", "bad_request")
+# Why a receiver drops a chip frame: a ChipProtocolError's reason, or (trainer side) a valid
+# reply it cannot use: "stale" (a seq it no longer waits for), "unexpected" (another op or job
+# than it asked, or a reply whose run count does not match the request).
+CHIP_DROP_REASONS = ("empty", "oversized", "header", "version", "op", "field", "arrays", "dtype", "shape",
+                     "truncated", "bounds", "stale", "unexpected")
+_CHIP_DTYPES = {"<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
+
+
+class ChipProtocolError(ProtocolError):
+    """A frame that is not a valid chip-protocol message; ``reason`` is in CHIP_DROP_REASONS."""
+
+
+@dataclass(frozen=True)
+class ChipHello:
+    """Trainer → chip: who are you? ``config`` (optional) is the job's config as a dict."""
+
+    OP: ClassVar[str] = "hello"
+    seq: int
+    job: str
+    config: dict | None = None
+
+
+@dataclass(frozen=True)
+class ChipCost:
+    """Trainer → chip: C and accuracy of every run on the samples ``indices`` of ``split``.
+
+    ``theta`` (S, P) float64: the effective weights θ⁰ + θ̃ of each run; ``indices`` (B,) int64;
+    ``outputs`` asks for the network outputs (S, B, O) too.
+    """
+
+    OP: ClassVar[str] = "cost"
+    seq: int
+    job: str
+    theta: np.ndarray
+    indices: np.ndarray
+    split: str = "train"
+    outputs: bool = False
+
+
+@dataclass(frozen=True)
+class ChipInfo:
+    """Chip → trainer, the answer to :class:`ChipHello`: parameter count P, samples per split
+    ({"train": N, "test": M}), outputs per sample O and a name."""
+
+    OP: ClassVar[str] = "hello"
+    seq: int
+    job: str
+    params: int
+    samples: dict
+    outputs: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ChipCostReply:
+    """Chip → trainer, the answer to :class:`ChipCost`: ``cost`` (S,) and ``accuracy`` (S,)
+    float64, ``outputs`` (S, B, O) float64 when asked for."""
+
+    OP: ClassVar[str] = "cost"
+    seq: int
+    job: str
+    cost: np.ndarray
+    accuracy: np.ndarray
+    outputs: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ChipErrorReply:
+    """Chip → trainer: the request ``seq`` failed; ``code`` in CHIP_ERROR_CODES says whether to
+    say hello again (unknown_job), send it again (busy) or give up (bad_request)."""
+
+    OP: ClassVar[str] = "error"
+    seq: int
+    job: str
+    error: str
+    code: str = "bad_request"
+
+
+ChipRequest = ChipHello | ChipCost
+ChipReply = ChipInfo | ChipCostReply | ChipErrorReply
+
+
+def _chip_array(value: Any, dtype: str, where: str) -> np.ndarray:
+    arr = np.ascontiguousarray(value, dtype=_CHIP_DTYPES[dtype])
+    if arr.ndim == 0:
+        raise ValueError(f"{where}: must be an array, got a scalar")
+    return arr
+
+
+def encode_chip(msg: ChipRequest | ChipReply) -> list[bytes]:
+    """The frames of one chip-protocol message (header, then one frame per array).
+
+    Arrays are converted to the wire dtypes (θ, costs and outputs "<f8", indices "<i8");
+    a value the header cannot carry (NaN in a config) raises ValueError.
+    """
+    header: dict[str, Any] = {"chip": CHIP_VERSION, "op": msg.OP, "seq": msg.seq, "job": msg.job}
+    arrays: list[tuple[str, np.ndarray]] = []
+    if isinstance(msg, ChipHello):
+        if msg.config is not None:
+            header["config"] = msg.config
+    elif isinstance(msg, ChipCost):
+        header.update(split=msg.split, outputs=bool(msg.outputs))
+        arrays = [("theta", _chip_array(msg.theta, "<f8", "cost.theta")),
+                  ("indices", _chip_array(msg.indices, "<i8", "cost.indices"))]
+    elif isinstance(msg, ChipInfo):
+        header.update(params=msg.params, samples=dict(msg.samples), outputs=msg.outputs, name=msg.name)
+    elif isinstance(msg, ChipCostReply):
+        arrays = [("cost", _chip_array(msg.cost, "<f8", "cost.cost")),
+                  ("accuracy", _chip_array(msg.accuracy, "<f8", "cost.accuracy"))]
+        if msg.outputs is not None:
+            arrays.append(("outputs", _chip_array(msg.outputs, "<f8", "cost.outputs")))
+    elif isinstance(msg, ChipErrorReply):
+        header.update(error=msg.error[:CHIP_MAX_TEXT], code=msg.code)
+    else:
+        raise TypeError(f"not a chip-protocol message: {type(msg).__name__}")
+    header["arrays"] = [{"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)} for name, arr in arrays]
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return [text.encode("utf-8")] + [arr.tobytes() for _, arr in arrays]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _chip_frames(frames: list[bytes], ops: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]):
+    """Header and arrays of one message whose op is in ``ops`` (op → (required, optional)
+    array names); every check the protocol makes on any message, before the op's own ones."""
+    if not frames:
+        raise ChipProtocolError("empty", "no frames")
+    total = sum(len(f) for f in frames)
+    if total > CHIP_MAX_BYTES:
+        raise ChipProtocolError("oversized", f"{total} bytes > {CHIP_MAX_BYTES}")
+    if len(frames[0]) > CHIP_MAX_HEADER_BYTES:
+        raise ChipProtocolError("oversized", f"header of {len(frames[0])} bytes > {CHIP_MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(frames[0]).decode("utf-8"), object_pairs_hook=_no_duplicates,
+                            parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ChipProtocolError("header", f"not a UTF-8 JSON object: {type(err).__name__}: {err}") from None
+    if not isinstance(header, dict):
+        raise ChipProtocolError("header", f"not a JSON object but a {type(header).__name__}")
+    if header.get("chip") != CHIP_VERSION or type(header.get("chip")) is not int:
+        raise ChipProtocolError("version", f"chip {header.get('chip')!r}, this receiver speaks {CHIP_VERSION}")
+    op = header.get("op")
+    if not isinstance(op, str) or op not in ops:
+        raise ChipProtocolError("op", f"op {op!r} is not one of {', '.join(ops)}")
+    seq = header.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_INT:
+        raise ChipProtocolError("field", f"{op}.seq must be an integer in [0, 2**53], got {seq!r}")
+    job = header.get("job")
+    if not isinstance(job, str) or not 1 <= len(job) <= CHIP_MAX_JOB:
+        raise ChipProtocolError("field", f"{op}.job must be a string of 1 to {CHIP_MAX_JOB} characters")
+    specs = header.get("arrays")
+    if not isinstance(specs, list):
+        raise ChipProtocolError("arrays", f"{op}.arrays must be a list of {{name, dtype, shape}}")
+    required, optional = ops[op]
+    arrays: dict[str, np.ndarray] = {}
+    if len(frames) < 1 + len(specs):
+        raise ChipProtocolError("truncated", f"{op}: {len(specs)} arrays listed, {len(frames) - 1} frames")
+    if len(frames) > 1 + len(specs):
+        raise ChipProtocolError("arrays", f"{op}: {len(frames) - 1 - len(specs)} extra frames")
+    for k, spec in enumerate(specs):
+        if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("shape"), list)
+                and "dtype" in spec):
+            raise ChipProtocolError("arrays", f"{op}.arrays[{k}] must be an object with name, dtype and shape")
+        name, shape = spec["name"], spec["shape"]
+        if name not in required + optional:
+            raise ChipProtocolError("arrays", f"{op} carries no array {name[:64]!r}")
+        if name in arrays:
+            raise ChipProtocolError("arrays", f"{op}.{name} listed twice")
+        if spec["dtype"] not in _CHIP_DTYPES:
+            raise ChipProtocolError("dtype", f"{op}.{name}: dtype {spec['dtype']!r} is not '<f8' or '<i8'")
+        if not (1 <= len(shape) <= 3 and all(type(d) is int and 0 <= d <= MAX_INT for d in shape)):
+            raise ChipProtocolError("shape", f"{op}.{name}: shape {shape!r} is not 1 to 3 sizes ≥ 0")
+        dtype = _CHIP_DTYPES[spec["dtype"]]
+        size = math.prod(shape) * dtype.itemsize  # exact: Python integers never wrap
+        if size != len(frames[1 + k]):
+            raise ChipProtocolError("truncated", f"{op}.{name}: {len(frames[1 + k])} bytes for shape {shape} "
+                                                 f"{spec['dtype']} ({size} bytes)")
+        arrays[name] = np.frombuffer(frames[1 + k], dtype=dtype).reshape(shape)
+    missing = [n for n in required if n not in arrays]
+    if missing:
+        raise ChipProtocolError("arrays", f"{op} needs the array(s) {', '.join(missing)}")
+    return header, op, seq, job, arrays
+
+
+def _want(arr: np.ndarray, where: str, dtype: str, ndim: int) -> None:
+    if arr.dtype.str != dtype:
+        raise ChipProtocolError("dtype", f"{where} must be {dtype}, got {arr.dtype.str}")
+    if arr.ndim != ndim:
+        raise ChipProtocolError("shape", f"{where} must have {ndim} dimension(s), got shape {list(arr.shape)}")
+
+
+def _count(header: dict, where: str, lo: int, hi: int = MAX_INT) -> int:
+    value = header.get(where.rpartition(".")[2])
+    if type(value) is not int or not lo <= value <= hi:
+        raise ChipProtocolError("field", f"{where} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _text(header: dict, where: str, most: int, default: str | None = None) -> str:
+    value = header.get(where.rpartition(".")[2], default)
+    if not isinstance(value, str) or len(value) > most:
+        raise ChipProtocolError("field", f"{where} must be a string of at most {most} characters")
+    return value
+
+
+def decode_chip_request(frames: list[bytes]) -> ChipRequest:
+    """Parse one request a chip receives (its ROUTER's identity frame removed); raise
+    :class:`ChipProtocolError` on anything malformed: the chip drops the frame and counts it."""
+    header, op, seq, job, arrays = _chip_frames(frames, {"hello": ((), ()), "cost": (("theta", "indices"), ())})
+    if op == "hello":
+        config = header.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise ChipProtocolError("field", f"hello.config must be a JSON object, got {type(config).__name__}")
+        return ChipHello(seq, job, config)
+    theta, indices = arrays["theta"], arrays["indices"]
+    _want(theta, "cost.theta", "<f8", 2)
+    _want(indices, "cost.indices", "<i8", 1)
+    S, P = theta.shape
+    if not (1 <= S <= CHIP_MAX_RUNS and P >= 1):
+        raise ChipProtocolError("bounds", f"cost.theta must be (S, P) with 1 ≤ S ≤ {CHIP_MAX_RUNS}, P ≥ 1; "
+                                          f"got {list(theta.shape)}")
+    if not 1 <= len(indices) <= CHIP_MAX_SAMPLES:
+        raise ChipProtocolError("bounds", f"cost.indices must hold 1 to {CHIP_MAX_SAMPLES} samples, got {len(indices)}")
+    if indices.min() < 0:
+        raise ChipProtocolError("bounds", f"cost.indices must be ≥ 0, got {int(indices.min())}")
+    split = header.get("split", "train")
+    if split not in CHIP_SPLITS:
+        raise ChipProtocolError("field", f"cost.split must be one of {', '.join(CHIP_SPLITS)}, got {split!r}")
+    outputs = header.get("outputs", False)
+    if type(outputs) is not bool:
+        raise ChipProtocolError("field", f"cost.outputs must be true or false, got {outputs!r}")
+    return ChipCost(seq, job, theta, indices, split, outputs)
+
+
+def decode_chip_reply(frames: list[bytes]) -> ChipReply:
+    """Parse one reply the trainer receives; raise :class:`ChipProtocolError` on anything
+    malformed (the trainer drops it, counts it, and keeps waiting for a good one)."""
+    header, op, seq, job, arrays = _chip_frames(
+        frames, {"hello": ((), ()), "cost": (("cost", "accuracy"), ("outputs",)), "error": ((), ())})
+    if op == "hello":
+        samples = header.get("samples")
+        if not (isinstance(samples, dict) and set(samples) == set(CHIP_SPLITS)
+                and all(type(v) is int and 0 <= v <= MAX_INT for v in samples.values())):
+            raise ChipProtocolError("field", "hello.samples must be {\"train\": N, \"test\": M}, counts ≥ 0")
+        outputs = _count(header, "hello.outputs", 0, CHIP_MAX_OUTPUTS)
+        return ChipInfo(seq, job, _count(header, "hello.params", 1), dict(samples), outputs,
+                        _text(header, "hello.name", CHIP_MAX_NAME))
+    if op == "error":
+        code = header.get("code", "bad_request")
+        if code not in CHIP_ERROR_CODES:
+            raise ChipProtocolError("field", f"error.code must be one of {', '.join(CHIP_ERROR_CODES)}, got {code!r}")
+        return ChipErrorReply(seq, job, _text(header, "error.error", CHIP_MAX_TEXT), code)
+    cost, accuracy, outputs = arrays["cost"], arrays["accuracy"], arrays.get("outputs")
+    _want(cost, "cost.cost", "<f8", 1)
+    _want(accuracy, "cost.accuracy", "<f8", 1)
+    if not 1 <= len(cost) <= CHIP_MAX_RUNS or accuracy.shape != cost.shape:
+        raise ChipProtocolError("shape", f"cost.cost and cost.accuracy must both be (S,), 1 ≤ S ≤ {CHIP_MAX_RUNS}; "
+                                         f"got {list(cost.shape)} and {list(accuracy.shape)}")
+    if outputs is not None:
+        _want(outputs, "cost.outputs", "<f8", 3)
+        if outputs.shape[0] != len(cost) or outputs.shape[2] > CHIP_MAX_OUTPUTS:
+            raise ChipProtocolError("shape", f"cost.outputs must be (S, B, O) with S = {len(cost)}, "
+                                             f"O ≤ {CHIP_MAX_OUTPUTS}; got {list(outputs.shape)}")
+    return ChipCostReply(seq, job, cost, accuracy, outputs)

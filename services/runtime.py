@@ -36,19 +36,20 @@ def run(config: JobConfig, runtime: str = "local", *, control: str = "", device:
     names the job on the broadcaster (re-submitting it re-attaches), ``cancelled()`` stops
     waiting for it, and ``on_progress(d)`` sees each raw progress message (per-tick reports,
     checkpoints) besides ``on_eval``; ``keys`` are the running cluster's (a local cluster
-    started here makes its own).
+    started here makes its own); locally, the keys towards the job's chip (``config.chip``), if any.
     """
     if runtime == "local":
-        return _run_local(config, device, on_eval, engine)
+        return _run_local(config, device, on_eval, engine, keys)
     if runtime == "cluster":
         return _run_cluster(config, control, on_eval, timeout_s, job_id, cancelled, on_progress, keys)
     raise ConfigError("engine", f"must be one of {', '.join(RUNTIMES)}; got {runtime!r}", kind="option")
 
 
-def _run_local(config: JobConfig, device: str | None, on_eval: OnEval | None, engine=None) -> JobResult:
+def _run_local(config: JobConfig, device: str | None, on_eval: OnEval | None, engine=None,
+               keys: Keys | None = None) -> JobResult:
     from services.engine.engine import Engine
 
-    engine = engine or Engine(config, device=device)
+    engine = engine or Engine(config, device=device, chip_keys=keys)  # keys: towards config.chip, if any
     result = engine.run(None if on_eval is None else lambda point, solved: on_eval(point, int(solved.sum())))
     result.details["device"] = str(getattr(engine.model, "device", "cpu"))
     return result

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,8 +32,8 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.sharding import shard_ranges
 from pmgd_node.shell.keys import Keys
+from services.chip.client import ChipClient
 from services.chip.job import ChipJob, EvalPoint, JobResult
-from services.evaluator.remote import RemoteCost
 from services.state_file import load_state, save_state
 
 # Ticks a node may run ahead of the broadcaster beyond its clock drift (async phases, a node
@@ -44,17 +45,26 @@ _EMPTY = {"pending_arrival": np.zeros(0, np.int64), "pending_tag": np.zeros(0, n
 
 class JobRun:
     def __init__(self, job_id: str, config: JobConfig, device: str | None = None, evaluator: str = "",
-                 evaluator_keys: Keys | None = None):
+                 evaluator_keys: Keys | None = None, chip_keys: Keys | None = None):
         if config.timing == "async" and config.tick_period <= 0:
             raise ValueError("job config field 'tick_period': timing 'async' on the cluster needs a clock: "
                              "a tick period > 0 seconds")
         self.asynchronous = config.timing == "async"
         self.id, self.config = job_id, config
-        # evaluator: endpoint of a remote cost server for the per-tick forward passes (the
-        # chip-in-the-loop hop, authenticated with ``evaluator_keys``); evaluation on the
-        # held-out set stays here.
-        remote = RemoteCost(evaluator, job_id, config, keys=evaluator_keys) if evaluator else None
-        self.chip = ChipJob(config, device=device, remote=remote)
+        # evaluator: endpoint of ``pmgd evaluator``, a chip (docs/chip-protocol.md) that runs the
+        # forward passes and evaluations, authenticated with ``evaluator_keys``. A job's own
+        # ``config.chip`` takes precedence: its ChipJob reaches that chip with ``chip_keys``.
+        remote = None
+        if evaluator and not config.chip:
+            remote = ChipClient(evaluator, job_id, config, timeout_s=config.chip_timeout,
+                                retries=config.chip_retries, keys=evaluator_keys)
+        try:
+            self.chip = ChipJob(config, device=device, remote=remote, chip_keys=chip_keys, job_id=job_id)
+        except BaseException:
+            if remote is not None:
+                remote.close()
+            raise
+        self._remote = remote
         self.model, self.stage = self.chip.model, self.chip.stage
         self.num_params = self.chip.num_params
         self.shards = shard_ranges(self.num_params, config.nodes)
@@ -231,6 +241,12 @@ class JobRun:
     def result(self) -> JobResult:
         return self.chip.result(self.tick, self.static, time.perf_counter() - self.started)
 
+    def close(self) -> None:
+        """Close the job's chip client, if it has one (the job is over, or abandoned)."""
+        self.chip.close()
+        if self._remote is not None:
+            self._remote.close()
+
     # --- persistence (broadcaster restart) ----------------------------------------------------
     SHARD_ARRAYS = ("theta0", "gradient", "pending_arrival", "pending_tag", "pending_value")
 
@@ -249,14 +265,17 @@ class JobRun:
 
     @classmethod
     def load(cls, path: str, device: str | None = None, evaluator: str = "",
-             evaluator_keys: Keys | None = None) -> JobRun:
+             evaluator_keys: Keys | None = None,
+             chip_keys: Keys | Callable[[JobConfig], Keys | None] | None = None) -> JobRun:
         """The job of a checkpoint written by :meth:`save`; ValueError (with the reason) for a
-        file that is damaged, foreign or does not fit its own config."""
+        file that is damaged, foreign or does not fit its own config. ``chip_keys`` may be a
+        function of the job's config (the keys depend on where its chip is)."""
         arrays = load_state(path)
         try:
             meta = json.loads(str(arrays["meta"]))
-            job = cls(meta["job"], JobConfig.from_dict(meta["config"]), device=device, evaluator=evaluator,
-                      evaluator_keys=evaluator_keys)
+            config = JobConfig.from_dict(meta["config"])
+            job = cls(meta["job"], config, device=device, evaluator=evaluator, evaluator_keys=evaluator_keys,
+                      chip_keys=chip_keys(config) if callable(chip_keys) else chip_keys)
             S = job.config.seeds
             shards = []
             for k, (a, b) in enumerate(job.shards):

@@ -38,8 +38,8 @@ from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
 from pmgd_node.shell import keys as cluster_keys
 from pmgd_node.shell.settings import parse, serve
+from services.chip.client import ChipError
 from services.chip.job import summarize
-from services.evaluator.remote import RemoteError
 
 from .job import JobRun
 
@@ -55,11 +55,11 @@ class BroadcasterSettings:
     poll_ms: int = 100
     state_dir: str = ""  # where checkpoints survive a broadcaster restart ("" = memory only)
     device: str = ""  # torch device for CNN forward passes ("" = cuda if available)
-    evaluator: str = ""  # cost-server endpoint for the per-tick forward passes ("" = in-process)
+    evaluator: str = ""  # `pmgd evaluator` as the chip of every job without its own ("" = in-process)
     metrics_port: int = 0  # Prometheus /metrics on this port (0 = off)
     metrics_host: str = "127.0.0.1"
     keys: str = ""  # the cluster's key directory (env PMGD_KEYS too; "" = no CurveZMQ, loopback only)
-    key_name: str = "client"  # our key pair as a client of the evaluator
+    key_name: str = "client"  # our key pair as a client of the evaluator (and of chips beyond loopback)
 
 
 def _mean(x: np.ndarray) -> float:
@@ -131,6 +131,7 @@ class Broadcaster:
         # our identity towards the evaluator, whose cost hop is one more authenticated link
         self.evaluator_keys = cluster_keys.load_optional(settings.keys if settings.evaluator else "",
                                                          settings.key_name)
+        self._client_keys: cluster_keys.Keys | None = None  # towards a job's chip, loaded when first needed
         self.ctx = zmq.Context()
         self.auth = cluster_keys.guard(self.ctx, keys)  # before the first bind: no unchecked peer
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -184,6 +185,16 @@ class Broadcaster:
     def _log(self, text: str) -> None:
         print(f"pmgd broadcaster: {text}", flush=True)
 
+    def _chip_keys(self, config: JobConfig) -> cluster_keys.Keys | None:
+        """Our keys towards a job's own chip (``config.chip``): the cluster's client pair when the
+        chip is beyond loopback (there it must authenticate, docs/chip-protocol.md), none on
+        loopback, where a chip may run without keys as any service of one machine may."""
+        if not config.chip or not self.s.keys or cluster_keys.is_loopback(config.chip):
+            return None
+        if self._client_keys is None:
+            self._client_keys = cluster_keys.load(self.s.keys, self.s.key_name)
+        return self._client_keys
+
     def _state_path(self) -> str:
         return os.path.join(self.s.state_dir, "job.npz") if self.s.state_dir else ""
 
@@ -197,8 +208,9 @@ class Broadcaster:
         if path and os.path.exists(path):
             try:
                 job = JobRun.load(path, device=self.s.device or None, evaluator=self.s.evaluator,
-                                   evaluator_keys=self.evaluator_keys)
-            except ValueError as err:  # damaged or foreign: refused, left on disk for a person to look at
+                                   evaluator_keys=self.evaluator_keys, chip_keys=self._chip_keys)
+            except (ValueError, ChipError) as err:  # damaged, foreign, or its chip does not answer: refused,
+                # left on disk for a person to look at
                 self.resume_error = str(err)
                 self._log(f"refusing to resume: {err}")
                 return
@@ -234,7 +246,8 @@ class Broadcaster:
         try:
             config = JobConfig.from_dict(msg.config)
             job = JobRun(msg.job or uuid.uuid4().hex[:12], config, device=self.s.device or None,
-                         evaluator=self.s.evaluator, evaluator_keys=self.evaluator_keys)
+                         evaluator=self.s.evaluator, evaluator_keys=self.evaluator_keys,
+                         chip_keys=self._chip_keys(config))
         except Exception as err:  # a config off the wire must never stop the service: besides
             # ConfigError, JobConfig raises TypeError/AttributeError for some wrong types
             # (fm_band: 1, task: None), and JobRun whatever its setup raises.
@@ -280,7 +293,12 @@ class Broadcaster:
 
     def _finish(self) -> None:
         job = self.job
-        result = job.result()
+        try:
+            result = job.result()  # measures θ⁰ when the job has no evaluation yet: on its chip, if any
+        except ChipError as err:
+            self._fail(str(err))
+            return
+        job.close()
         summary = summarize(result)
         # wall_time_s counts from the submit (model, data, waiting for nodes); run_wall_time_s
         # from the first assignment, i.e. the ticks themselves (benchmarks/cluster_throughput.py).
@@ -310,6 +328,7 @@ class Broadcaster:
     def _fail(self, reason: str) -> None:
         """Abandon the job: tell the nodes and the client why."""
         job = self.job
+        job.close()
         self._log(f"job {job.id}: failed: {reason}")
         self._publish(p.Control(job.id, "stop", job.tick, reason=reason))
         for n in self.nodes.values():
@@ -452,7 +471,7 @@ class Broadcaster:
         now = time.monotonic()
         try:
             cost, point = job.advance()
-        except RemoteError as err:
+        except ChipError as err:  # the chip stopped answering (after its retries) or refused a request
             self._fail(str(err))
             return
         self._save_new_checkpoint()

@@ -16,10 +16,19 @@ whole task for parity, the held-out split for the CNNs) and the stopping rule is
 run. A run diverges when its C̃ is not finite (checked every tick) or, at an evaluation, its
 cost is not finite or its θ⁰ leaves ±``DIVERGENCE_BOUND``; it is then over, reported with that
 tick, and a job whose every run is over (solved or diverged) is evaluated and stops at once.
+
+With a chip (``config.chip``, or a ``remote`` handed in: docs/chip-protocol.md) every forward
+pass runs there: the output stage's per-tick costs (:class:`services.chip.client.ChipClient`
+``cost``, on the training samples on show) and every evaluation of θ⁰ (``evaluate`` on the
+evaluation set's indices, split "test" for a held-out set, "train" where the evaluation set is
+the training set: parity, a custom task without test data), because on a real device accuracy
+can only be measured on the device. Set-up says hello and checks that the chip's P is the
+network's.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,18 +111,26 @@ def finite_median(values) -> float | None:
 class ChipJob:
     """Set-up, tick, evaluation, stopping, state and result of one job (all its seeds).
 
-    ``remote`` (optional) runs the per-tick forward passes elsewhere (the chip-in-the-loop
-    hop, :class:`services.evaluator.remote.RemoteCost`); evaluation stays here.
+    ``remote`` (optional) runs the forward passes elsewhere: anything with ``hello()``,
+    ``cost(theta, indices)`` and ``evaluate(theta, indices, split)``, in practice a
+    :class:`services.chip.client.ChipClient` (the broadcaster's ``evaluator``). Without one, a
+    job whose ``config.chip`` names a chip gets a ChipClient of its own, authenticated with
+    ``chip_keys`` (CurveZMQ, optional) and naming the job ``job_id`` to the chip (default: a
+    fresh id); :meth:`close` closes it.
     """
 
     def __init__(self, config: JobConfig, model: Model | None = None, train: Dataset | None = None,
-                 evalset: Dataset | None = None, device: str | None = None, remote=None):
+                 evalset: Dataset | None = None, device: str | None = None, remote=None, chip_keys=None,
+                 job_id: str = ""):
         self.config = config
         self.model = model or job_model(config, device=device)
         if train is None:
             train = load(config.task, config.data_dir, "train")
         if evalset is None:
             evalset = train if config.task.startswith("parity") else load(config.task, config.data_dir, "test")
+        # The chip is asked for the split the evaluation set came from: the training set itself
+        # (parity, a custom task without test data) or the held-out one.
+        self.eval_split = "train" if evalset is train or (evalset.x is train.x and evalset.y is train.y) else "test"
         if config.eval_samples:
             evalset = Dataset(evalset.x[: config.eval_samples], evalset.y[: config.eval_samples],
                               evalset.num_classes, evalset.name)
@@ -121,6 +138,20 @@ class ChipJob:
         self.num_params = P = self.model.num_params
         if config.nodes > P:
             raise ConfigError("nodes", f"must be in [1, {P}] for a {P}-parameter network; got {config.nodes}")
+        self._own_remote = remote is None and bool(config.chip)
+        if self._own_remote:
+            from .client import ChipClient  # sockets only for a job that has a chip
+
+            remote = ChipClient(config.chip, job_id or f"job-{uuid.uuid4().hex[:12]}", config,
+                                timeout_s=config.chip_timeout, retries=config.chip_retries, keys=chip_keys)
+        self.remote = remote
+        self.eval_indices = np.arange(len(evalset), dtype=np.int64)
+        if remote is not None:
+            try:
+                self._check_chip(remote.hello(), train)
+            except BaseException:
+                self.close()
+                raise
         self.stage = OutputStage(config, self.model, train, remote)
         self.eval_batch = self.model.prepare(evalset.x, evalset.y)
         self.has_rule = config.target_accuracy is not None or config.target_cost is not None
@@ -131,6 +162,24 @@ class ChipJob:
         self.t_div = np.full(S, -1, dtype=np.int64)  # the tick each run diverged at, −1 before
         self.history: list[EvalPoint] = []
         self._over = False  # every run solved or diverged: recomputed when t_sol or t_div change
+
+    def _check_chip(self, info, train: Dataset) -> None:
+        """The chip must run this job's network on this job's data: its P and sample counts."""
+        where = getattr(self.remote, "endpoint", "the chip")
+        if info.params != self.num_params:
+            raise ConfigError("chip", f"{where} ({info.name}) has P={info.params} parameters but the network of "
+                                      f"this job ({self.model.name}) has {self.num_params}")
+        if info.samples.get("train") != len(train):
+            raise ConfigError("chip", f"{where} ({info.name}) holds {info.samples.get('train')} training samples but "
+                                      f"this job's training set has {len(train)}: the indices would name other samples")
+        if info.samples.get(self.eval_split, 0) < len(self.eval_indices):
+            raise ConfigError("chip", f"{where} ({info.name}) holds {info.samples.get(self.eval_split)} "
+                                      f"{self.eval_split} samples; this job evaluates on {len(self.eval_indices)}")
+
+    def close(self) -> None:
+        """Close the chip client this job made for itself (a ``remote`` handed in stays open)."""
+        if self._own_remote and self.remote is not None:
+            self.remote.close()
 
     def initial_theta0(self) -> np.ndarray:
         return initial_parameters(self.model, self.config)
@@ -168,8 +217,12 @@ class ChipJob:
         return t > 0 and (t % self.config.eval_every == 0 or t >= self.config.max_ticks or self.over)
 
     def measure(self, t: int, theta0: np.ndarray) -> EvalPoint:
-        """Score θ⁰ on the evaluation set after t ticks (one forward pass for both numbers)."""
-        cost, accuracy = self.model.evaluate(theta0, self.eval_batch)
+        """Score θ⁰ on the evaluation set after t ticks (one forward pass for both numbers), on
+        the chip when the job has one."""
+        if self.remote is not None:
+            cost, accuracy = self.remote.evaluate(theta0, self.eval_indices, self.eval_split)
+        else:
+            cost, accuracy = self.model.evaluate(theta0, self.eval_batch)
         return EvalPoint(t, self.stage.c0_measurements, cost, accuracy)
 
     def record(self, point: EvalPoint, theta0: np.ndarray) -> None:

@@ -67,8 +67,9 @@ class OutputStage:
     """Forward pass and C̃ extraction for the S runs of one job."""
 
     def __init__(self, config: JobConfig, model, train, remote=None):
-        """``remote``: a ``RemoteCost`` that runs the forward passes in an evaluator process
-        (the batch is then just the sample indices); None runs them here."""
+        """``remote``: a chip (:class:`services.chip.client.ChipClient`: docs/chip-protocol.md)
+        that runs the forward passes, ``remote.cost(θ, indices)``; the batch is then just the
+        sample indices. None runs them here."""
         self.remote = remote
         self.config = config
         self.model = model

@@ -41,9 +41,11 @@ class Engine:
     """Runs one job (all its seeds) on in-process nodes."""
 
     def __init__(self, config: JobConfig, model: Model | None = None, train: Dataset | None = None,
-                 evalset: Dataset | None = None, device: str | None = None):
+                 evalset: Dataset | None = None, device: str | None = None, chip_keys=None):
+        # With config.chip the chip job runs every forward pass on that chip (docs/chip-protocol.md),
+        # reached with chip_keys (CurveZMQ, optional).
         self.config = config
-        self.job = ChipJob(config, model, train, evalset, device=device)
+        self.job = ChipJob(config, model, train, evalset, device=device, chip_keys=chip_keys)
         self.model, self.stage = self.job.model, self.job.stage
         self.train, self.evalset, self.eval_batch = self.job.train, self.job.evalset, self.job.eval_batch
         theta0 = self.job.initial_theta0()

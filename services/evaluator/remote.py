@@ -1,11 +1,17 @@
-"""The remote evaluator hop: the broadcaster's forward pass served by another process.
+"""The remote evaluator hop: a job's forward passes served by ``pmgd evaluator`` as a chip.
 
-With ``pmgd broadcaster --evaluator tcp://…`` the output stage sends, per forward pass, θ
-of every run and the indices of the training samples on show (``CostRequest``); the cost
-server (``pmgd evaluator``) runs the very same model code on its own copy of the data and
-answers C per run (``CostReply``). This is the chip-in-the-loop hop of docs/architecture.md §2: its
-latency becomes part of every tick, while the trajectory stays bit-identical (same code,
-same numbers). The server keeps one model and data set per job, loaded on first use.
+``pmgd evaluator`` speaks the chip protocol (docs/chip-protocol.md, ``pmgd_node/protocol.py``):
+it is one chip that serves many jobs, each introduced by a hello carrying the job's config.
+A broadcaster started with ``--evaluator tcp://…`` (or a job whose ``chip`` names the evaluator)
+talks to it through :class:`services.chip.client.ChipClient`: per tick θ of every run and the
+indices of the training samples on show go out, C (and accuracy) per run come back, and every
+evaluation of θ⁰ runs here too, on the job's evaluation split. The server runs the very same
+model code on its own copy of the data, so the trajectory stays bit-identical to the
+in-process one (same code, same numbers); the hop's latency becomes part of every tick. It
+keeps one model and data set per job (``max_jobs``), loaded at the job's hello; a request for
+a job it does not hold (it restarted) is answered ``unknown_job``, and the trainer says hello
+again. Bad requests are answered with an error, never fatal; malformed frames are dropped and
+counted (``dropped``).
 
 ``pmgd evaluator`` also serves held-out scoring over HTTP (:mod:`.service`: ``/evaluate``,
 ``/health``, ``/metrics``) on ``http_host:http_port``: the cost server then runs in a
@@ -21,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -31,48 +38,8 @@ from pmgd_node.config import JobConfig
 from pmgd_node.shell import keys as cluster_keys
 from pmgd_node.shell.settings import parse, serve
 
-from .data import confine, data_roots, load
-from .models import job_model
-
-
-class RemoteError(RuntimeError):
-    """The evaluator did not answer, or answered with an error."""
-
-
-class RemoteCost:
-    """Broadcaster side: ``cost(theta, indices)`` over one DEALER socket, strictly in turn."""
-
-    def __init__(self, endpoint: str, job: str, config: JobConfig, timeout_s: float = 30.0,
-                 keys: cluster_keys.Keys | None = None):
-        self.job, self.config = job, config.to_dict()
-        self.timeout_ms = int(timeout_s * 1000)
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.handshake = cluster_keys.Handshake(self.sock, endpoint, keys)
-        cluster_keys.connect(self.sock, endpoint, keys)
-        self.endpoint = endpoint
-        self.seq = 0
-
-    def cost(self, theta: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        self.seq += 1
-        self.sock.send_multipart(p.encode(p.CostRequest(self.job, self.seq, self.config, theta, indices)))
-        while self.sock.poll(self.timeout_ms):
-            try:
-                reply = p.decode(self.sock.recv_multipart())
-            except p.ProtocolError:
-                continue
-            if not isinstance(reply, p.CostReply) or reply.seq != self.seq:
-                continue  # a late answer to a request we gave up on
-            if reply.error or reply.cost is None:
-                raise RemoteError(f"evaluator {self.endpoint}: {reply.error or 'no cost'}")
-            return reply.cost
-        why = self.handshake.failure()
-        raise RemoteError(f"evaluator {self.endpoint}: {why}" if why else
-                          f"evaluator {self.endpoint} did not answer within {self.timeout_ms / 1000:g} s")
-
-    def close(self) -> None:
-        self.handshake.close()
-        self.sock.close(linger=0)
+from .data import Dataset, confine, data_roots, load
+from .models import Model, job_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +57,40 @@ class EvaluatorSettings:
     keys: str = ""  # the cluster's key directory for the cost hop (env PMGD_KEYS too; "" = loopback only)
 
 
+@dataclasses.dataclass
+class _Job:
+    """What the server holds for one job: its model, its splits and prepared batches."""
+
+    config: JobConfig
+    model: Model
+    splits: dict  # "train"/"test" → Dataset (test None when it cannot be loaded: see test_error)
+    test_error: str = ""
+    outputs: int = 0
+    prepared: dict = dataclasses.field(default_factory=dict)  # (split, indices bytes) → Batch
+
+
+def _split(cfg: JobConfig, data_dir: str, split: str) -> Dataset:
+    if cfg.task == "custom":  # the user's own network brings its own data (services/evaluator/user_model.py)
+        from .user_model import user_data
+
+        return user_data(cfg, split)
+    return load(cfg.task, data_dir, split)
+
+
+def _outputs_per_sample(model: Model, x: np.ndarray) -> int:
+    """O of the model, from one forward pass on one sample (0 when the model cannot say)."""
+    forward = getattr(model, "forward", None)
+    try:
+        out = np.asarray(forward(np.zeros((1, model.num_params), dtype=model.dtype), x[:1]))
+        return int(out.shape[-1])
+    except Exception:  # a model without outputs to show: the hello says 0
+        return 0
+
+
 class CostServer:
-    """ROUTER socket answering ``CostRequest`` with ``CostReply``; ``on_answer()`` is called
-    after every reply sent (the HTTP service counts them into its metrics)."""
+    """A ROUTER socket answering the chip protocol for any number of jobs (see the module
+    docstring); ``on_answer()`` is called after every reply to a cost request (the HTTP service
+    counts them into its metrics)."""
 
     def __init__(self, settings: EvaluatorSettings, on_answer: Callable[[], None] | None = None):
         self.s = settings
@@ -103,57 +101,93 @@ class CostServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         cluster_keys.bind(self.sock, settings.endpoint, keys, "PMGD_KEYS (or --keys)")
-        self.jobs: dict[str, tuple] = {}  # job → (model, train, prepared batches)
+        self.jobs: OrderedDict[str, _Job] = OrderedDict()
         self.roots = data_roots(settings.data_dir, settings.data_roots)
         self.dropped: dict[str, int] = {}
         self.running = True
 
-    def _job(self, job: str, config: dict):
-        entry = self.jobs.get(job)
-        if entry is None:
-            cfg = JobConfig.from_dict(config)
-            data_dir = cfg.data_dir or self.s.data_dir
-            confine(cfg.task, data_dir, self.roots)  # a job off the wire names no other directory
-            model = job_model(cfg, device=self.s.device or None)
-            entry = (model, load(cfg.task, data_dir, "train"), {})
-            if len(self.jobs) >= self.s.max_jobs:
-                self.jobs.pop(next(iter(self.jobs)))
-            self.jobs[job] = entry
-        return entry
-
-    def answer(self, req: p.CostRequest) -> p.CostReply:
+    def _load(self, cfg: JobConfig) -> _Job:
+        data_dir = cfg.data_dir or self.s.data_dir
+        confine(cfg.task, data_dir, self.roots)  # a job off the wire names no other directory
+        model = job_model(cfg, device=self.s.device or None)
+        train = _split(cfg, data_dir, "train")
+        test, test_error = None, ""
         try:
-            model, train, prepared = self._job(req.job, req.config)
-            idx = np.asarray(req.indices, dtype=np.int64)
-            if idx.ndim != 1 or not len(idx) or idx.min() < 0 or idx.max() >= len(train.y):
-                raise ValueError(f"indices must be a non-empty list in [0, {len(train.y)})")
-            key = idx.tobytes()
-            batch = prepared.get(key)
-            if batch is None:
-                if len(prepared) > 256:
-                    prepared.clear()
-                batch = prepared[key] = model.prepare(train.x[idx], train.y[idx])
-            cost = np.asarray(model.cost(req.theta, batch), dtype=np.float64)
-            return p.CostReply(req.job, req.seq, cost)
+            test = _split(cfg, data_dir, "test")
+        except (OSError, ValueError, RuntimeError) as err:  # training alone still works without it
+            test_error = f"{type(err).__name__}: {err}"
+        return _Job(cfg, model, {"train": train, "test": test}, test_error, _outputs_per_sample(model, train.x))
+
+    def _hello(self, msg: p.ChipHello) -> p.ChipInfo:
+        job = self.jobs.get(msg.job)
+        cfg = None if msg.config is None else JobConfig.from_dict(msg.config)
+        if cfg is not None and (job is None or job.config != cfg):  # a new job, or new under an old id
+            job = self._load(cfg)
+            self.jobs.pop(msg.job, None)
+            while len(self.jobs) >= max(1, self.s.max_jobs):
+                self.jobs.popitem(last=False)  # the job introduced longest ago
+            self.jobs[msg.job] = job
+        if job is None:
+            raise ValueError(f"job {msg.job!r} is new here: its hello must carry the job's config "
+                             "(the evaluator loads the job's model and data from it)")
+        samples = {name: 0 if d is None else len(d) for name, d in job.splits.items()}
+        return p.ChipInfo(msg.seq, msg.job, job.model.num_params, samples, job.outputs,
+                          f"pmgd evaluator: {job.model.name}")
+
+    def _cost(self, msg: p.ChipCost, job: _Job) -> p.ChipCostReply:
+        data = job.splits[msg.split]
+        if data is None:
+            raise ValueError(f"the {msg.split} split of job {msg.job!r} is not available here: {job.test_error}")
+        P = job.model.num_params
+        if msg.theta.shape[1] != P:
+            raise ValueError(f"theta has {msg.theta.shape[1]} parameters per run; the network of job "
+                             f"{msg.job!r} has {P}")
+        idx = msg.indices
+        if idx.max() >= len(data):
+            raise ValueError(f"indices must lie in [0, {len(data)}) for the {msg.split} split; got {int(idx.max())}")
+        key = (msg.split, idx.tobytes())
+        batch = job.prepared.get(key)
+        if batch is None:
+            if len(job.prepared) > 256:
+                job.prepared.clear()
+            batch = job.prepared[key] = job.model.prepare(data.x[idx], data.y[idx])
+        cost, accuracy = job.model.evaluate(msg.theta, batch)
+        outputs = None
+        if msg.outputs:
+            forward = getattr(job.model, "forward", None)
+            if forward is None:
+                raise ValueError(f"the network of job {msg.job!r} gives no outputs")
+            outputs = np.asarray(forward(msg.theta, data.x[idx]), dtype=np.float64)
+            outputs = outputs.reshape(len(msg.theta), len(idx), -1)
+        return p.ChipCostReply(msg.seq, msg.job, np.asarray(cost, dtype=np.float64),
+                               np.asarray(accuracy, dtype=np.float64), outputs)
+
+    def answer(self, msg: p.ChipHello | p.ChipCost) -> p.ChipInfo | p.ChipCostReply | p.ChipErrorReply:
+        """The reply to one decoded request: a hello's info, a cost reply, or an error."""
+        try:
+            if isinstance(msg, p.ChipHello):
+                return self._hello(msg)
+            job = self.jobs.get(msg.job)
+            if job is None:
+                return p.ChipErrorReply(msg.seq, msg.job, f"job {msg.job!r} is unknown here (the evaluator "
+                                        "restarted, or dropped it for newer jobs): say hello again", "unknown_job")
+            return self._cost(msg, job)
         except Exception as err:  # anything off the wire: answer it, never die of it
-            return p.CostReply(req.job, req.seq, None, f"{type(err).__name__}: {err}")
+            return p.ChipErrorReply(msg.seq, msg.job, f"{type(err).__name__}: {err}"[: p.CHIP_MAX_TEXT])
 
     def run(self) -> int:
-        print(f"pmgd evaluator: cost server on {self.s.endpoint}", flush=True)
+        print(f"pmgd evaluator: cost server (chip protocol v{p.CHIP_VERSION}) on {self.s.endpoint}", flush=True)
         while self.running:
             if not self.sock.poll(200):
                 continue
             frames = self.sock.recv_multipart()
             try:
-                msg = p.decode(frames[1:])
-            except p.ProtocolError as err:
+                msg = p.decode_chip_request(frames[1:])
+            except p.ChipProtocolError as err:
                 self.dropped[err.reason] = self.dropped.get(err.reason, 0) + 1
                 continue
-            if not isinstance(msg, p.CostRequest):
-                self.dropped["unexpected"] = self.dropped.get("unexpected", 0) + 1
-                continue
-            self.sock.send_multipart([frames[0]] + p.encode(self.answer(msg)), copy=False)
-            if self.on_answer is not None:
+            self.sock.send_multipart([frames[0]] + p.encode_chip(self.answer(msg)), copy=False)
+            if self.on_answer is not None and isinstance(msg, p.ChipCost):
                 self.on_answer()
         self.sock.close(linger=0)
         if self.auth is not None:

@@ -27,9 +27,6 @@ def _examples():
         p.Submit("job2", {"task": "parity2", "fm_band": [0.0, 0.5]}),
         p.Progress("job2", True, {"ticks": 10, "cost": [0.5, 0.25]}),
         p.Status({"state": "running", "nodes": {"a": 1}}),
-        p.CostRequest("job1", 5, {"task": "parity2"}, arr, np.array([3, 1])),
-        p.CostReply("job1", 5, np.array([0.25, 0.5])),
-        p.CostReply("job1", 6, None, "no such task"),
     ]
 
 

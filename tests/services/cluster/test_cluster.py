@@ -395,13 +395,18 @@ def test_cost_server_answers_bad_requests_with_an_error():
     server = CostServer(EvaluatorSettings(endpoint=f"tcp://127.0.0.1:{free_port()}"))
     try:
         cfg = JobConfig().to_dict()
-        good = server.answer(p.CostRequest("j", 1, cfg, np.zeros((2, 9)), np.array([0, 3])))
-        assert good.error == "" and good.cost.shape == (2,)
-        for bad in (p.CostRequest("j", 2, cfg, np.zeros((2, 9)), np.array([7])),  # parity2 has 4 samples
-                    p.CostRequest("j", 3, cfg, np.zeros((2, 5)), np.array([0])),  # wrong θ width
-                    p.CostRequest("k", 4, cfg | {"eta": -1}, np.zeros((2, 9)), np.array([0]))):
+        info = server.answer(p.ChipHello(1, "j", cfg))
+        assert isinstance(info, p.ChipInfo) and info.params == 9 and info.samples == {"train": 4, "test": 4}
+        good = server.answer(p.ChipCost(2, "j", np.zeros((2, 9)), np.array([0, 3])))
+        assert isinstance(good, p.ChipCostReply) and good.cost.shape == good.accuracy.shape == (2,)
+        for bad in (p.ChipCost(3, "j", np.zeros((2, 9)), np.array([7])),  # parity2 has 4 samples
+                    p.ChipCost(4, "j", np.zeros((2, 5)), np.array([0])),  # wrong θ width
+                    p.ChipHello(5, "k", cfg | {"eta": -1})):
             reply = server.answer(bad)
-            assert reply.seq == bad.seq and reply.cost is None and reply.error
+            assert isinstance(reply, p.ChipErrorReply) and reply.seq == bad.seq and reply.code == "bad_request"
+            assert reply.error
+        gone = server.answer(p.ChipCost(6, "never-said-hello", np.zeros((1, 9)), np.array([0])))
+        assert isinstance(gone, p.ChipErrorReply) and gone.code == "unknown_job"
     finally:
         server.sock.close(linger=0)
         server.ctx.term()

@@ -17,9 +17,14 @@ def test_a_job_naming_another_data_directory_is_answered_with_an_error(tmp_path)
         theta = np.zeros((1, 14378), dtype=np.float32)
         for data_dir, ok in ((str(inside), True), ("", True), (str(outside), False), ("/etc", False)):
             config = JobConfig(task="fmnist", data_dir=data_dir).to_dict()
-            reply = server.answer(p.CostRequest(f"job-{data_dir}", 1, config, theta, np.arange(4)))
-            assert (reply.error in ("", None)) == ok, (data_dir, reply.error)
+            job = f"job-{data_dir}"
+            reply = server.answer(p.ChipHello(1, job, config))
+            assert isinstance(reply, p.ChipInfo) == ok, (data_dir, reply)
             if not ok:
-                assert "outside the directories" in reply.error and reply.cost is None
+                assert "outside the directories" in reply.error and reply.code == "bad_request"
+                continue
+            assert reply.params == 14378 and reply.samples == {"train": 20, "test": 10} and reply.outputs == 10
+            cost = server.answer(p.ChipCost(2, job, theta, np.arange(4)))
+            assert isinstance(cost, p.ChipCostReply) and cost.cost.shape == (1,), cost
     finally:
         server.sock.close()

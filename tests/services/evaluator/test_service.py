@@ -1,7 +1,7 @@
 """`pmgd evaluator` as a process: HTTP inference service beside the ZeroMQ cost hop.
 
 Every test talks to a real ``python -m services.cli evaluator`` subprocess over loopback
-(urllib for HTTP, RemoteCost for the cost hop); nothing is mocked.
+(urllib for HTTP, ChipClient for the cost hop); nothing is mocked.
 """
 
 import base64
@@ -25,11 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pmgd_node.config import JobConfig
 from services.api.errors import EvaluatorFailed
 from services.api.scoring import EvaluatorService
+from services.chip.client import ChipClient
 from services.cluster.launcher import free_port
 from services.evaluator import data as D
 from services.evaluator import models as M
 from services.evaluator.backprop import train_sgd
-from services.evaluator.remote import RemoteCost
 from services.evaluator.service import MAX_BODY
 from services.http_edge import AUTH_DETAIL
 
@@ -260,8 +260,9 @@ def test_metrics_export_every_series(evaluator):
     before, _ = scrape()
     assert request(evaluator.url + "/evaluate", {"task": "parity3", "theta": [0.0] * 16})[0] == 200
     assert request(evaluator.url + "/evaluate", {"task": "parity3", "theta": [0.0] * 3})[0] == 422
-    remote = RemoteCost(evaluator.endpoint, "metrics-job", JobConfig(), timeout_s=30)
+    remote = ChipClient(evaluator.endpoint, "metrics-job", JobConfig(), timeout_s=30)
     try:
+        remote.hello()  # the job's model and data: a hello, not a cost request
         for _ in range(3):
             assert remote.cost(np.zeros((2, 9)), np.array([0, 1])).shape == (2,)
     finally:
@@ -284,7 +285,7 @@ def test_metrics_export_every_series(evaluator):
 def test_sigterm_stops_both_servers_and_exits_0(tmp_path):
     ev = Evaluator(tmp_path / "ev.log")
     ev.wait_http()
-    remote = RemoteCost(ev.endpoint, "j", JobConfig(), timeout_s=30)
+    remote = ChipClient(ev.endpoint, "j", JobConfig(), timeout_s=30)
     try:
         assert remote.cost(np.zeros((1, 9)), np.array([0])).shape == (1,)  # the cost hop is up too
     finally:
@@ -305,7 +306,7 @@ def test_taken_http_port_warns_and_keeps_serving_the_cost_hop(tmp_path):
         taken.listen(1)
         ev = Evaluator(tmp_path / "ev.log", http_port=taken.getsockname()[1])
         try:
-            remote = RemoteCost(ev.endpoint, "j", JobConfig(), timeout_s=30)
+            remote = ChipClient(ev.endpoint, "j", JobConfig(), timeout_s=30)
             try:
                 assert remote.cost(np.zeros((3, 9)), np.array([1, 2])).shape == (3,)
             finally:
