@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pmgd_node.config import ConfigError, JobConfig
-from services.evaluator.data import Dataset, load
+from services.evaluator.data import Dataset, job_data
 from services.evaluator.models import Model, job_model
 
 from .output_stage import OutputStage
@@ -125,9 +125,9 @@ class ChipJob:
         self.config = config
         self.model = model or job_model(config, device=device)
         if train is None:
-            train = load(config.task, config.data_dir, "train")
+            train = job_data(config, "train")
         if evalset is None:
-            evalset = train if config.task.startswith("parity") else load(config.task, config.data_dir, "test")
+            evalset = train if config.task.startswith("parity") else job_data(config, "test")
         # The chip is asked for the split the evaluation set came from: the training set itself
         # (parity, a custom task without test data) or the held-out one.
         self.eval_split = "train" if evalset is train or (evalset.x is train.x and evalset.y is train.y) else "test"

@@ -510,3 +510,14 @@ def load(task: str, data_dir: str | os.PathLike | None = None, split: str = "tra
         loader = load_fashion_mnist if task == "fmnist" else load_cifar10
         return loader(data_dir, split)
     raise ValueError(f"unknown task {task!r}: expected parityN, 'fmnist' or 'cifar10'")
+
+
+def job_data(config, split: str = "train") -> Dataset:
+    """The data a :class:`~pmgd_node.config.JobConfig` trains on (``split`` "train") or is scored
+    on ("test": the held-out split; parity's whole set; a custom task's test set, or its training
+    set when it gives none)."""
+    if config.task == "custom":
+        from .user_model import user_data
+
+        return user_data(config, split)
+    return load(config.task, config.data_dir, split)

@@ -693,6 +693,11 @@ def build_model(task: str, network: str | None = None, device: str | None = None
 
 
 def job_model(config, device: str | None = None) -> Model:
-    """The model a :class:`~pmgd_node.config.JobConfig` trains: its task, network, init and cost."""
+    """The model a :class:`~pmgd_node.config.JobConfig` trains: its task, network, init and cost
+    (the user's own network for task ``custom``: :mod:`.user_model`)."""
+    if config.task == "custom":
+        from .user_model import user_model
+
+        return user_model(config, device=device)
     return build_model(config.task, config.network, device=device, init_scale=config.init_scale,
                        label_smoothing=config.label_smoothing)
