@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -401,6 +402,8 @@ class Jobs:
             data["data_dir"] = self.s.data_dir
         try:
             config = JobConfig.from_dict(data)
+            if config.model:
+                self._check_model(config)
             if engine == "cluster" and self.s.broadcaster:
                 # Unset nodes: every node the cluster has (the stored config says how many).
                 config = JobConfig.from_dict(fit_to_cluster(data, self.s.broadcaster, keys=self.keys))
@@ -410,6 +413,14 @@ class Jobs:
             raise InvalidJob(f"config: {err}") from None
         except RuntimeError as err:  # the broadcaster does not answer
             raise JobConflict(f"engine: {err}") from None
+
+    def _check_model(self, config: JobConfig) -> None:
+        """A job's own network must be a file under one of ``model_roots`` (it is code this
+        server will run), and it is loaded now, so that one that does not fit answers 422 here."""
+        from services.evaluator.user_model import confine_model, load_task
+
+        confine_model(config.model, [r for r in self.s.model_roots.split(os.pathsep) if r])
+        load_task(config.model)
 
     def create(self, fields: dict, engine: str = "local", angle: bool = False, start: bool = False) -> dict:
         """A new job from job-config ``fields`` (validated by ``JobConfig``), started if ``start``;

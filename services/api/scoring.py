@@ -61,14 +61,14 @@ def score_in_process(config: JobConfig, npz: bytes, split: str = "test", run: in
 
     Raises :class:`InvalidJob` for a run the checkpoint lacks or a data set that is missing.
     """
-    from services.evaluator.data import load
+    from services.evaluator.data import job_data
     from services.evaluator.inference import load_checkpoint, score
     from services.evaluator.models import job_model
 
     try:
         theta, _ = load_checkpoint(npz, run)
         model = job_model(config)
-        data = load(config.task, config.data_dir, split)
+        data = job_data(config, split)
         if limit:
             data = type(data)(data.x[:limit], data.y[:limit], data.num_classes, data.name)
         return score(model, theta, data)

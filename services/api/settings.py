@@ -24,4 +24,7 @@ class ApiSettings:
     evaluator: str = ""  # base URL of the evaluator service ("" = score checkpoints in-process)
     evaluator_token: str = ""  # the evaluator's bearer token, sent with every scoring request ("" = none)
     data_dir: str = ""  # default data directory for jobs that name none
+    # Directories (separated by os.pathsep, ':') whose .py files a job's ``model`` may name: a
+    # model is code the server runs, so "" accepts no custom models over the API.
+    model_roots: str = ""
     max_local_jobs: int = 2  # local-engine jobs running at once (each takes a core)

@@ -104,6 +104,19 @@ def _import(ref: str):
         raise _error(f"cannot import module {where!r}: {type(err).__name__}: {err}") from None
 
 
+def confine_model(ref: str, roots: list[str]) -> None:
+    """Refuse a reference that is not a ``.py`` file inside one of ``roots`` (symbolic links
+    resolved): what a service accepts from the network, since a model is code it runs."""
+    where = ref.rpartition(":")[0]
+    if not roots:
+        raise _error("this server accepts no custom models (its model_roots setting is empty)")
+    if not where.endswith(".py"):
+        raise _error(f"must name a .py file under {', '.join(roots)}; got {where!r}")
+    path = os.path.realpath(where)
+    if not any(os.path.commonpath([path, os.path.realpath(r)]) == os.path.realpath(r) for r in roots):
+        raise _error(f"{where!r} is outside the directories this server runs models from ({', '.join(roots)})")
+
+
 def _as_array(value, what: str) -> np.ndarray:
     torch = _torch()
     if isinstance(value, torch.Tensor):

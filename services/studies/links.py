@@ -59,13 +59,14 @@ class LinkStudy(Study):
     correlations = ["tagged", "untagged"]
 
     def __init__(self):
-        self.params = {"task": "parity2", "seeds": 20, "max_ticks": 20_000, "batch": 4, "angle_ticks": 2000,
+        self.params = {"task": "parity2", "model": "", "seeds": 20, "max_ticks": 20_000, "batch": 4,
+                       "angle_ticks": 2000,
                        "perturbations": ["tm", "cm", "rcm", "fm"], "values": list(self.values),
                        "correlations": list(self.correlations), "compensate_fm": True, "seed": 0}
 
     def config(self, p: dict, perturbation: str, correlation: str, value) -> JobConfig | None:
-        base = dict(BASE[perturbation], task=p["task"], network="", seeds=p["seeds"], max_ticks=p["max_ticks"],
-                    batch=p["batch"], seed=p["seed"])
+        base = dict(BASE[perturbation], task=p["task"], model=p["model"], network="", seeds=p["seeds"],
+                    max_ticks=p["max_ticks"], batch=p["batch"], seed=p["seed"])
         link = {self.field: value}
         if correlation == "compensated":  # FM only: the node knows the delay
             correlation, link["compensation"] = "untagged", value

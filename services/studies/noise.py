@@ -29,7 +29,8 @@ class Noise(Study):
                 "tolerate, for each perturbation type?")
 
     def __init__(self):
-        self.params = {"task": "parity2", "seeds": 20, "max_ticks": 20_000, "batch": 4, "angle_ticks": 2000,
+        self.params = {"task": "parity2", "model": "", "seeds": 20, "max_ticks": 20_000, "batch": 4,
+                       "angle_ticks": 2000,
                        "perturbations": ["tm", "cm", "rcm", "fm"], "seed": 0,
                        "cost_noise": [0.0, 0.001, 0.003, 0.01, 0.03],
                        "update_noise": [0.0, 0.001, 0.003, 0.01, 0.03],
@@ -40,8 +41,9 @@ class Noise(Study):
         for imperfection in UNITS:
             for value in p[imperfection]:
                 for kind in p["perturbations"]:
-                    config = JobConfig(**BASE[kind], task=p["task"], seeds=p["seeds"], max_ticks=p["max_ticks"],
-                                       batch=p["batch"], seed=p["seed"], **{imperfection: value})
+                    config = JobConfig(**BASE[kind], task=p["task"], model=p["model"], seeds=p["seeds"],
+                                       max_ticks=p["max_ticks"], batch=p["batch"], seed=p["seed"],
+                                       **{imperfection: value})
                     out.append(Point({"imperfection": imperfection, "level": value, "perturbation": kind}, config))
         return out
 

@@ -184,3 +184,38 @@ async def test_the_token_is_checked_before_the_body_and_bodies_are_capped(client
     assert (await client.get("/jobs")).json() == []  # nothing was made
     r = await client.post("/jobs", json={"config": {"max_ticks": 10}}, headers=AUTH)
     assert r.status_code == 201  # a normal request passes the gate unchanged
+
+
+@pytest.mark.asyncio
+async def test_your_own_network_from_a_model_root_and_nowhere_else(tmp_path):
+    """A job's ``model`` is code the server runs: only a .py file under ``model_roots`` is
+    accepted (422 naming the field otherwise, nothing stored); one that does not fit is refused at
+    submission; an accepted one trains as the engine does."""
+    roots = tmp_path / "models"
+    roots.mkdir()
+    xor = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "xor_task.py")
+    (roots / "xor.py").write_text(open(xor).read())
+    (roots / "broken.py").write_text("import torch\ndef task():\n    return dict(model=torch.nn.Linear(2, 1))\n")
+    (tmp_path / "outside.py").write_text(open(xor).read())
+    open_app = create_app(ApiSettings(db=str(tmp_path / "a.sqlite")))
+    app = create_app(ApiSettings(db=str(tmp_path / "b.sqlite"), model_roots=str(roots)))
+    for application, ref, words in [
+        (open_app, f"{roots}/xor.py:task", "accepts no custom models"),
+        (app, f"{tmp_path}/outside.py:task", "outside the directories"),
+        (app, f"{roots}/../outside.py:task", "outside the directories"),
+        (app, "os.path:join", "must name a .py file"),
+        (app, f"{roots}/broken.py:task", "missing ['train']"),
+    ]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=application), base_url="http://api") as c:
+            r = await c.post("/jobs", json={"config": {"model": ref}})
+            assert r.status_code == 422 and "model" in r.text and words in r.text, (ref, r.text)
+            assert (await c.get("/jobs")).json() == []
+    config = JobConfig(model=f"{roots}/xor.py:task", seeds=3, max_ticks=600, eval_every=100, target_accuracy=None)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c:
+            r = await c.post("/jobs", json={"config": config.to_dict(), "start": True})
+            assert r.status_code == 201, r.text
+            done = await wait_state(c, r.json()["id"], FINAL)
+    assert done["state"] == "finished" and done["summary"]["num_params"] == 13
+    reference = Engine(config).run()
+    assert done["summary"]["final_cost"] == pytest.approx(reference.final_cost.tolist(), rel=0, abs=0)
