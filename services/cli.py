@@ -99,6 +99,9 @@ def config_fields(args: argparse.Namespace) -> dict:
     for f in dataclasses.fields(JobConfig):
         if hasattr(args, f.name):
             fields[f.name] = getattr(args, f.name)
+    where, _, name = str(fields.get("model") or "").rpartition(":")
+    if where.endswith(".py"):  # the job may run in other processes (a cluster's): name the file from /
+        fields["model"] = f"{os.path.abspath(where)}:{name}"
     return fields
 
 
