@@ -28,6 +28,7 @@ connects in the clear (loopback chips).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -169,8 +170,10 @@ class ChipClient:
             return None
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 return None
+            if not self.sock.poll(max(1, math.ceil(left * 1000))):
+                continue  # the deadline decides, not the poll's millisecond rounding
             frames = self.sock.recv_multipart()
             try:
                 reply = p.decode_chip_reply(frames)
