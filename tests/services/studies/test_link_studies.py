@@ -130,3 +130,27 @@ def test_drift_study_runs_async_jobs_on_a_real_cluster(tmp_path):
     rows = _rows(tmp_path)
     assert len(rows) == 2 and all(r["ticks_run"] == "400" for r in rows)
     assert json.loads((tmp_path / "study.json").read_text())["engine"] == "cluster"
+
+
+def test_a_study_sweeps_your_own_network(tmp_path):
+    """``--set model=FILE:NAME``: every point trains the user's network (13 parameters of the
+    XOR example), with the angle measured on it too."""
+    import os
+
+    from services.engine.engine import Engine
+
+    xor = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "xor_task.py")
+    args = ["study", "noise", "--out", str(tmp_path), "--set", f"model={os.path.abspath(xor)}:task",
+            "--set", 'perturbations=["rcm"]', "--set", "cost_noise=[0.0]", "--set", "update_noise=[0.0]",
+            "--set", "device_variation=[0.0]", *SMALL]
+    assert main(args) == 0
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 * 2 and all(np.isfinite(float(r["angle_deg"])) for r in rows)
+    study = studies.get("noise")
+    p = dict(study.params, seeds=2, max_ticks=400, perturbations=["rcm"], model=f"{os.path.abspath(xor)}:task",
+             cost_noise=[0.0], update_noise=[0.0], device_variation=[0.0])
+    config = study.points(p)[0].config
+    assert config.task == "custom" and Engine(config).job.num_params == 13
+    with pytest.raises(SystemExit) as stop:  # the CLI's clear error, exit status 2
+        main(["study", "noise", "--out", str(tmp_path / "bad"), "--set", "model=nowhere.py:task", *SMALL])
+    assert stop.value.code == 2
