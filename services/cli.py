@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     study = sub.add_parser("study", help="run a study sweep into CSV, JSON and figures (resumable)",
                            formatter_class=HelpFormatter)
-    study.add_argument("name", help="fig2, fig4, fig5, table1, latency, jitter, drop, drift, noise or cnn")
+    study.add_argument("name", help="fig2, fig4, fig5, table1, latency, jitter, drop, drift, noise, cnn or transfer")
     study.add_argument("--out", required=True, metavar="DIR",
                        help="output folder (an interrupted study resumes from it)")
     study.add_argument("--config", metavar="FILE",

@@ -14,7 +14,7 @@ from .sweep import Study
 MODULES = {
     "fig2": "fig2", "fig4": "fig4", "fig5": "fig5", "table1": "table1",
     "latency": "links", "jitter": "links", "drop": "links", "drift": "links", "noise": "noise",
-    "cnn": "cnn",
+    "cnn": "cnn", "transfer": "transfer",
 }
 
 
