@@ -370,3 +370,24 @@ def test_the_chip_stops_cleanly_on_sigterm(ref_chip):
         client.close()
     assert chip.stop() == 0
     assert "stopped after 2 answers; dropped {'header': 1}" in chip.tail, chip.tail
+
+
+def test_the_minimal_chip_of_the_document_trains_a_job(tmp_path):
+    """docs/chip-protocol.md §8, run as printed (only its port changed): a chip built from the
+    document alone works with the trainer."""
+    text = open(os.path.join(ROOT, "docs", "chip-protocol.md"), encoding="utf-8").read()
+    code = text.split("## 8. A minimal chip", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    assert code.count('"tcp://127.0.0.1:5570"') == 1
+    script = tmp_path / "minimal_chip.py"
+    script.write_text(code.replace('"tcp://127.0.0.1:5570"', repr(endpoint)))
+    proc = subprocess.Popen([sys.executable, "-I", str(script)], cwd=tmp_path)
+    try:
+        config = JobConfig(seeds=2, seed=4, max_ticks=2000, chip=endpoint, chip_timeout=10)
+        result = Engine(config).run()
+        reference = Engine(config.replace(chip="")).run()
+        assert result.ticks == reference.ticks
+        np.testing.assert_allclose(result.final_cost, reference.final_cost, rtol=1e-9)
+    finally:
+        proc.kill()
+        proc.wait(30)
