@@ -1,9 +1,11 @@
-"""`pmgd train`: one job on the in-process engine, with a progress bar and a summary table."""
+"""One training job with a progress bar: the body that `pmgd train` and the Python API (``pmgd.train``)
+share, and the summary table `pmgd train` prints."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -11,7 +13,7 @@ from rich.table import Table
 from pmgd_node.config import JobConfig
 from pmgd_node.shell.keys import Keys
 from services import runtime
-from services.chip.job import HW_TIMESCALES, finite_median, summarize
+from services.chip.job import HW_TIMESCALES, JobResult, finite_median, summarize
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -79,21 +81,32 @@ def _at_most_every(seconds: float, show):
     return call
 
 
-def train_job(config: JobConfig, device: str | None = None, progress: bool = True,
-              console: Console | None = None, engine: str = "local", cluster: str = "",
-              started: float | None = None, keys: Keys | None = None) -> dict:
-    """Run ``config`` to its stopping rule; print progress and the summary; return the summary.
+def run_job(config: JobConfig, *, engine: str = "local", device: str | None = None, progress: bool = True,
+            console: Console | None = None, cluster: str = "", keys: Keys | None = None,
+            started: float | None = None) -> tuple[JobResult, dict, np.ndarray | None]:
+    """Run ``config`` to its stopping rule; return its result, its summary and the final θ⁰.
+
+    The one body of a training job: `pmgd train` (:func:`train_job`) and the Python API
+    (``pmgd.train``) both call it, so a job gives the same numbers whichever started it.
 
     ``engine`` "local" runs the in-process engine; "cluster" submits the job to the
     broadcaster at ``cluster`` (a control endpoint), or, when that is empty, to a local
     cluster of ``config.nodes`` node processes started for this job and stopped after it;
-    ``keys`` are the running cluster's client keys.
+    ``keys`` are the running cluster's client keys. ``progress`` draws a rich progress bar
+    on ``console`` (default: stderr) while the ticks run; nothing else is printed here.
 
-    Two times, the same on both engines: ``wall_time_s`` is the run as the user waited for
-    it, from ``started`` (a ``time.perf_counter()`` reading taken when the command began;
-    default: now) to the summary, so cluster start-up, model and data count; and
-    ``training_time_s`` counts the ticks alone (the engine's loop; on the cluster, from the
-    broadcaster's first shard assignment to the end).
+    The summary is :func:`~services.chip.job.summarize`'s, plus what the runtime alone knows
+    (``JobResult.details``: the engine's device; the cluster's job id, epochs, checkpoints,
+    drop counts, final θ⁰ and θ⁰ trail), ``engine``, ``config`` and two times, the same on
+    both engines: ``wall_time_s`` is the run as the user waited for it, from ``started`` (a
+    ``time.perf_counter()`` reading taken when the command began; default: now) to the
+    summary, so cluster start-up, model and data count; and ``training_time_s`` counts the
+    ticks alone (the engine's loop; on the cluster, from the broadcaster's first shard
+    assignment to the end). It is what `pmgd train --json` writes.
+
+    θ⁰ is (runs, P): on the engine, the nodes' θ⁰ at the end, in the model's dtype; on the
+    cluster, the broadcaster's final θ⁰, which travels as JSON numbers and so comes back as
+    float64 holding the same values (a float32 model's θ⁰ compares equal, bit for bit).
     """
     started = time.perf_counter() if started is None else started
     console = console or Console(stderr=True)
@@ -107,8 +120,15 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
         bar.update(task, completed=tick, status=_status(cost, accuracy, solved, runs))
 
     show = _at_most_every(0.1, show)
+    # The engine is built here rather than by runtime.run so that its final θ⁰ can be read
+    # after the run (runtime.run returns only the JobResult, which has no θ⁰ on this path).
+    local = None
+    if engine == "local":
+        from services.engine.engine import Engine
+
+        local = Engine(config, device=device)
     try:
-        result = runtime.run(config, engine, control=cluster, device=device, keys=keys,
+        result = runtime.run(config, engine, control=cluster, device=device, keys=keys, engine=local,
                              on_eval=lambda point, solved: show(point.tick, point.cost, point.accuracy, solved,
                                                                 config.seeds))
         summary = summarize(result)
@@ -122,5 +142,22 @@ def train_job(config: JobConfig, device: str | None = None, progress: bool = Tru
     summary["engine"] = engine
     summary["wall_time_s"] = time.perf_counter() - started
     summary["config"] = config.to_dict()
+    if local is not None:
+        theta0 = local.theta0.copy()
+    elif "theta0" in result.details:
+        theta0 = np.asarray(result.details["theta0"], dtype=np.float64)
+    else:
+        theta0 = None
+    return result, summary, theta0
+
+
+def train_job(config: JobConfig, device: str | None = None, progress: bool = True,
+              console: Console | None = None, engine: str = "local", cluster: str = "",
+              started: float | None = None, keys: Keys | None = None) -> dict:
+    """`pmgd train`: :func:`run_job` with a progress bar, then the summary table; returns the
+    summary (what ``--json`` writes). The arguments are :func:`run_job`'s."""
+    console = console or Console(stderr=True)
+    _, summary, _ = run_job(config, engine=engine, device=device, progress=progress, console=console,
+                            cluster=cluster, keys=keys, started=started)
     console.print(summary_table(summary))
     return summary
