@@ -45,7 +45,8 @@ def train(config: JobConfig | str | os.PathLike | Mapping[str, Any] | None = Non
     ``cluster`` is empty, a local cluster of ``nodes`` processes started for this job.
     ``device``: the torch device of the engine's CNN models (default: cuda if available).
     ``progress``: draw `pmgd train`'s progress bar and summary table on ``console`` (default:
-    a rich console on stderr; in a notebook rich draws in the cell); False: print nothing.
+    a rich console on stderr; in a notebook rich draws in the cell, the live bar through
+    ipywidgets, without which rich warns and shows the table alone); False: print nothing.
 
     A bad field name or value, or a bad argument, raises :class:`~pmgd.ConfigError` naming
     it before anything heavy loads.

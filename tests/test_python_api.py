@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -186,14 +185,10 @@ def test_the_cluster_engine_gives_the_local_summary():
 def test_a_running_cluster_gives_a_job_every_connected_node():
     """cluster=ENDPOINT (as `pmgd train --cluster`): keys read from the cluster's key
     directory, and a job that leaves ``nodes`` unset takes both connected nodes."""
-    from services.cluster.client import status
     from services.cluster.launcher import LocalCluster
 
     with LocalCluster(2) as running:
-        deadline = time.monotonic() + 60  # both nodes connected first: a job takes the nodes there are
-        while len(status(running.endpoints["control"], keys=running.keys)["nodes"]) < 2:
-            assert time.monotonic() < deadline, "the second node never connected"
-            time.sleep(0.1)
+        running.wait_ready()  # both nodes joined first: a job takes the nodes connected when it is sent
         result = pmgd.train(pmgd.JobConfig(seeds=2, max_ticks=200), engine="cluster", progress=False,
                             cluster=running.endpoints["control"], keys=running.keys_dir)
     assert result.config.nodes == 2 and result.summary["config"]["nodes"] == 2
