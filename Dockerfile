@@ -19,8 +19,10 @@ ARG BASE=python:3.12-slim
 FROM ${BASE} AS src
 WORKDIR /app
 COPY pyproject.toml README.md requirements.lock ./
+COPY pmgd ./pmgd
 COPY pmgd_node ./pmgd_node
 COPY services ./services
+COPY examples ./examples
 
 FROM ${BASE} AS build
 ARG TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"

@@ -23,6 +23,14 @@ try:
 except PackageNotFoundError:  # imported from a source tree that was never installed
     __version__ = "0+unknown"
 
-# User-defined models: `Task` (services/evaluator/user_model.py) joins these exports, imported
-# here, once it exists; a job names its model with the JobConfig field ``model``.
-__all__ = ["ConfigError", "JobConfig", "Result", "__version__", "train"]
+__all__ = ["ConfigError", "JobConfig", "Result", "Task", "__version__", "train"]
+
+
+def __getattr__(name: str):
+    # ``pmgd.Task``, the typed form of what a model file's task function returns
+    # (docs/bring-your-own.md), loads its module (numpy) only when it is asked for.
+    if name == "Task":
+        from services.evaluator.user_model import Task
+
+        return Task
+    raise AttributeError(f"module 'pmgd' has no attribute {name!r}")

@@ -23,6 +23,8 @@ _DEFAULT_MEANS = {
     "network": "the task's reference network: 2-2-1, 3-3-1, …, cnn-fmnist, cnn-cifar10",
     "init_scale": "none, the model's reference init (MLP ±0.5)",
     "data_dir": "the current directory",
+    "model": "none, the task's built-in network",
+    "chip": "none, forward passes in-process",
 }
 
 _METAVARS = {"task": "NAME", "network": "SPEC", "data_dir": "DIR"}

@@ -15,13 +15,13 @@ def test_the_wheel_holds_every_file_the_services_read(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("pmgd_node", "services"):
+    for name in ("pmgd", "pmgd_node", "services"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("pmgd_cluster-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", "pmgd_node", "services"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "pmgd", "pmgd_node", "services"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
     missing = [path for path in tracked if path not in names]
     assert missing == [], f"the wheel lacks {missing}"
