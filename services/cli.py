@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cluster", default="", metavar="ENDPOINT",
                        help="control endpoint of a running broadcaster (pmgd up); default: start a local cluster")
     train.add_argument("--keys", default=os.environ.get("PMGD_KEYS", ""), metavar="DIR",
-                       help="the running cluster's key directory (default: $PMGD_KEYS; see pmgd keys)")
+                       help="the running cluster's key directory, or a keyed chip's on the local engine "
+                            "(default: $PMGD_KEYS; see pmgd keys)")
     train.add_argument("--key-name", default=os.environ.get("PMGD_KEY_NAME", "client"), metavar="NAME",
                        help="our key pair in it (default: $PMGD_KEY_NAME or client)")
     train.add_argument("--device", default=None, metavar="NAME",
@@ -186,6 +187,8 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
 
         keys = cluster_keys.load_optional(args.keys, args.key_name)
         config = JobConfig.from_dict(fit_to_cluster(fields, args.cluster, keys=keys))
+    elif args.engine == "local" and config.chip and args.keys:
+        keys = cluster_keys.load_optional(args.keys, args.key_name)  # our identity towards a keyed chip
     from services.train import train_job  # heavy imports (torch) only once a command runs
 
     summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster,

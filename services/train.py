@@ -126,7 +126,7 @@ def run_job(config: JobConfig, *, engine: str = "local", device: str | None = No
     if engine == "local":
         from services.engine.engine import Engine
 
-        local = Engine(config, device=device)
+        local = Engine(config, device=device, chip_keys=keys)
     try:
         result = runtime.run(config, engine, control=cluster, device=device, keys=keys, engine=local,
                              on_eval=lambda point, solved: show(point.tick, point.cost, point.accuracy, solved,

@@ -391,3 +391,17 @@ def test_the_minimal_chip_of_the_document_trains_a_job(tmp_path):
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_pmgd_train_reaches_a_keyed_chip_with_keys_and_not_without(ref_chip, tmp_path):
+    """The local engine's identity towards a keyed chip: ``pmgd train --chip E --keys DIR``."""
+    keys_dir = str(tmp_path / "keys")
+    cluster_keys.init(keys_dir)
+    chip = ref_chip("--keys", keys_dir)
+    base = [sys.executable, "-m", "services.cli", "train", "--task", "parity2", "--chip", chip.endpoint,
+            "--seeds", "2", "--max-ticks", "200", "--quiet", "--chip-retries", "0", "--chip-timeout", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "PMGD_KEYS"}
+    ok = subprocess.run(base + ["--keys", keys_dir], capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and "requires the cluster's keys" in refused.stderr, refused.stderr[-2000:]
