@@ -76,6 +76,8 @@ CMD ["pmgd", "--help"]
 FROM runtime AS node
 COPY --from=node-build /opt/venv /opt/venv
 
-# The default: every service (pmgd api, broadcaster, evaluator, node, keys).
+# The default: every service (pmgd api, broadcaster, evaluator, node, keys), and the examples
+# (the reference chip: python3 /usr/local/share/pmgd/examples/reference_chip.py).
 FROM runtime
 COPY --from=build /opt/venv /opt/venv
+COPY --from=src /app/examples /usr/local/share/pmgd/examples
