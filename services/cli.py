@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--engine", choices=["local", "cluster"], default="local",
                        help="local: the in-process engine; cluster: a local cluster of node processes")
     study.add_argument("--cluster-nodes", type=int, default=2, metavar="N", help="node processes of the cluster engine")
+    study.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="points run at once, in N worker processes with cores/N threads each; 1 runs them in "
+                            "this process (default: the machine's cores; with --scheduler local, its workers)")
+    study.add_argument("--scheduler", default="", metavar="ADDRESS",
+                       help="run the points on a Dask cluster: its scheduler's address (tls://host:port; tcp:// on "
+                            "loopback only), or 'local' to start one with --workers worker processes on loopback "
+                            "(pip install -e .[distributed]; docs/studies.md)")
+    study.add_argument("--scheduler-security", default="", metavar="DIR",
+                       help="TLS files for the Dask cluster: DIR/ca.pem, DIR/cert.pem, DIR/key.pem (default: Dask's "
+                            "own configuration, distributed.comm.tls)")
+    study.add_argument("--point-resources", action="append", default=[], metavar="NAME=N",
+                       help="Dask worker resources each point takes, e.g. GPU=1: one point per GPU worker")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
     up = sub.add_parser("up", help="start a local cluster (broadcaster + N nodes) until Ctrl-C",
                         formatter_class=HelpFormatter)
@@ -221,9 +233,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         given["seeds"] = args.seeds
     params = resolve_params(study, given)
+    from services.studies.workers import check_workers, cores
+
+    workers = check_workers(cores() if args.workers is None else args.workers)
+    resources = {}
+    for item in args.point_resources:
+        name, _, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = 0.0
+        if not name.strip() or not 0 < value < 1e6:
+            raise ConfigError("point-resources", f"must be NAME=N with N > 0, e.g. GPU=1; got {item!r}", kind="option")
+        resources[name.strip()] = value
     console = Console(stderr=True)
     summary = run_study(study, params, args.out, engine=args.engine, progress=not args.quiet, console=console,
-                        cluster_nodes=args.cluster_nodes)
+                        cluster_nodes=args.cluster_nodes, workers=workers, scheduler=args.scheduler,
+                        scheduler_security=args.scheduler_security, point_resources=resources or None)
     console.print(f"{study.name}: {summary['runs']} runs in {summary['points']} points → {args.out} "
                   f"(runs.csv, summary.json, {', '.join(summary['figures']) or 'no figures'})")
     return 0

@@ -12,6 +12,15 @@ hold yet, with a progress bar, and after each point rewrites
 An interrupted study resumes where it stopped when run again with the same parameters;
 other parameters in an existing folder are refused (nothing is overwritten).
 
+Points are independent, so they may run anywhere (``executor.py``): one after another in this
+process (``workers=1``, as ``pmgd study`` always ran), in local worker processes
+(``workers=N``) or on a Dask cluster (``scheduler``). Whatever runs them, the runner alone
+writes: each point's entry is appended to ``points.jsonl`` as it finishes (nothing finished is
+lost to an interruption) and at most once per key (an executor that reruns a point after a
+worker died cannot count it twice); ``runs.csv`` always lists the points in the study's order,
+and at the end ``points.jsonl`` is rewritten in that order too, so the files are the same
+whatever the number of workers and the order in which points finished.
+
 A study (``Study``) declares its parameters with defaults, the points of its sweep, how a
 point runs (by default: train ``point.config`` and return one row per seed), its figures
 and its summary. ``Context.train`` runs a job on the in-process engine or on a local
@@ -185,6 +194,59 @@ class Context:
             self._cluster = None
 
 
+def point_entry(study: Study, point: Point, params: dict, ctx: Context) -> dict:
+    """What the runner keeps of one point, as plain JSON data: its key, its rows (each row
+    carries the key's columns) and ``wall_s``, the seconds it took (a wall time: the one
+    number that differs from run to run)."""
+    started = time.perf_counter()
+    rows = [dict(point.key, **row) for row in study.run(point, params, ctx)]
+    entry = {"key": point.key, "rows": rows, "wall_s": time.perf_counter() - started}
+    return json.loads(json.dumps(entry, default=_plain))
+
+
+# In a worker process (local or Dask): one Context per engine for every point the process runs,
+# so a cluster engine is started once per worker; and the last study's points, built once.
+_worker_contexts: dict[tuple[str, int], Context] = {}
+_worker_points: dict[str, list[Point]] = {}
+
+
+def _close_worker_contexts() -> None:
+    while _worker_contexts:
+        _worker_contexts.popitem()[1].close()
+
+
+def run_point(name: str, params: dict, index: int, key: dict, engine: str = "local", cluster_nodes: int = 2) -> dict:
+    """Point ``index`` of study ``name`` with resolved ``params``, run in this (worker) process:
+    its :func:`point_entry`. ``key`` is the point's key as the runner knows it, checked here (a
+    worker running other code, or another study's parameters, must not answer for the point).
+
+    Called by name in worker processes (``executor.py``): everything it needs travels as
+    plain data, and what it keeps between points (a Context per engine, with its port block:
+    ``ports.py``) belongs to the process."""
+    import atexit
+
+    from services import studies
+
+    from . import ports
+    from .workers import limit_torch_threads
+
+    if not _worker_contexts and not _worker_points:  # the process's first point
+        ports.claim()
+        limit_torch_threads()
+        atexit.register(_close_worker_contexts)
+    study = studies.get(name)
+    tag = json.dumps([name, params], sort_keys=True)
+    if tag not in _worker_points:
+        _worker_points.clear()
+        _worker_points[tag] = study.points(params)
+    points = _worker_points[tag]
+    if not 0 <= index < len(points) or json.dumps(points[index].key, sort_keys=True) != json.dumps(key, sort_keys=True):
+        raise RuntimeError(f"point {index} of study {name} is not {key} in this worker: is it running other code?")
+    if (engine, cluster_nodes) not in _worker_contexts:
+        _worker_contexts[engine, cluster_nodes] = Context(engine, cluster_nodes)
+    return point_entry(study, points[index], params, _worker_contexts[engine, cluster_nodes])
+
+
 def _write_csv(path: str, rows: list[dict]) -> None:
     columns: list[str] = []
     for row in rows:
@@ -214,14 +276,24 @@ def _plain(value):
 
 
 def run_study(study: Study, params: dict, out: str, engine: str = "local", progress: bool = True,
-              console=None, cluster_nodes: int = 2) -> dict:
-    """Run (or resume) ``study`` with resolved ``params`` into folder ``out``; returns the summary."""
+              console=None, cluster_nodes: int = 2, workers: int = 1, scheduler: str = "",
+              scheduler_security: str = "", point_resources: dict | None = None) -> dict:
+    """Run (or resume) ``study`` with resolved ``params`` into folder ``out``; returns the summary.
+
+    ``workers`` 1 runs the points in this process; more run them in that many local worker
+    processes; ``scheduler`` (a Dask scheduler's address, or ``local`` to start a local Dask
+    cluster of ``workers`` processes) on a Dask cluster, authenticated with the TLS files in
+    ``scheduler_security``, each point asking its worker for ``point_resources`` (e.g.
+    ``{"GPU": 1}``). See ``executor.py``; the files written are the same in every case."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .executor import label, make_executor
 
     console = console or Console(stderr=True)
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "study.json")
+    points_path = os.path.join(out, "points.jsonl")
     done: dict[str, dict] = {}
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
@@ -230,13 +302,12 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
                 or old.get("engine") != engine:
             raise ConfigError("out", f"{out} holds study {old.get('study')} with other parameters or engine; "
                                      "use another --out to start afresh", kind="option")
-        points_path = os.path.join(out, "points.jsonl")
         if os.path.exists(points_path):
             with open(points_path, encoding="utf-8") as f:
                 for line in f:
                     if line.strip():
                         entry = json.loads(line)
-                        done[json.dumps(entry["key"], sort_keys=True)] = entry
+                        done.setdefault(json.dumps(entry["key"], sort_keys=True), entry)
     version = code_version()
     earlier = old.get("code_versions", [old.get("code_version")]) if done else []
     if earlier and version not in earlier:
@@ -246,31 +317,59 @@ def run_study(study: Study, params: dict, out: str, engine: str = "local", progr
                             "code_version": version, "code_versions": sorted(set(earlier) | {version}),
                             "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     points = study.points(params)
-    todo = [pt for pt in points if json.dumps(pt.key, sort_keys=True) not in done]
+    order = {json.dumps(pt.key, sort_keys=True): i for i, pt in enumerate(points)}
+
+    def in_order() -> list[dict]:
+        return sorted((e for k, e in done.items() if k in order), key=lambda e: order[json.dumps(e["key"],
+                                                                                               sort_keys=True)])
+
+    todo = [(i, pt) for i, pt in enumerate(points) if json.dumps(pt.key, sort_keys=True) not in done]
     if done:
         console.print(f"resuming {study.name}: {len(points) - len(todo)} of {len(points)} points already in {out}")
-    ctx = Context(engine, cluster_nodes)
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("points · {task.fields[now]}"), TimeElapsedColumn(), console=console,
                    disable=not progress)
+    running: list[str] = []
+    last = [""]
+
+    def show(task) -> None:
+        now = (f"running {'; '.join(running[:3])}" + (f" (+{len(running) - 3})" if len(running) > 3 else "")
+               if running else "")
+        bar.update(task, now=" · ".join(x for x in (now, last[0]) if x))
+
+    executor = make_executor(study, params, engine, cluster_nodes, workers, scheduler, scheduler_security,
+                             point_resources, points=len(todo)) if todo else None
     try:
-        with bar, open(os.path.join(out, "points.jsonl"), "a", encoding="utf-8") as log:
+        with bar, open(points_path, "a", encoding="utf-8") as log:
             task = bar.add_task(study.name, total=len(points), completed=len(points) - len(todo), now="")
-            for pt in todo:
-                bar.update(task, now=", ".join(f"{k}={v}" for k, v in pt.key.items()))
-                started = time.perf_counter()
-                rows = [dict(pt.key, **row) for row in study.run(pt, params, ctx)]
-                entry = {"key": pt.key, "rows": rows, "wall_s": time.perf_counter() - started}
+
+            def started(pt: Point) -> None:
+                running.append(label(pt))
+                show(task)
+
+            for entry in (executor.run(todo, started) if executor else ()):
+                key = json.dumps(entry["key"], sort_keys=True)
+                name = label(Point(entry["key"]))
+                if name in running:
+                    running.remove(name)
+                if key in done or key not in order:  # a rerun the executor made, or not ours: written once
+                    continue
                 log.write(json.dumps(entry, default=_plain) + "\n")
                 log.flush()
-                done[json.dumps(pt.key, sort_keys=True)] = json.loads(json.dumps(entry, default=_plain))
-                _write_csv(os.path.join(out, "runs.csv"), [r for e in done.values() for r in e["rows"]])
+                done[key] = entry
+                _write_csv(os.path.join(out, "runs.csv"), [r for e in in_order() for r in e["rows"]])
+                last[0] = f"last {name} in {entry['wall_s']:.1f} s"
                 bar.advance(task)
+                show(task)
     finally:
-        ctx.close()
-    order = {json.dumps(pt.key, sort_keys=True): i for i, pt in enumerate(points)}
-    entries = sorted((e for k, e in done.items() if k in order),
-                     key=lambda e: order[json.dumps(e["key"], sort_keys=True)])
+        if executor is not None:
+            executor.close()
+    entries = in_order()
+    # The log in the points' order (it was appended in the order points finished).
+    tmp = points_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, default=_plain) + "\n" for e in entries)
+    os.replace(tmp, points_path)
     rows = [r for e in entries for r in e["rows"]]
     _write_csv(os.path.join(out, "runs.csv"), rows)
     summary = {"study": study.name, "question": study.question, "points": len(points), "runs": len(rows),
