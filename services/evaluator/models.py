@@ -353,6 +353,25 @@ def _torch():
     return torch
 
 
+def torch_runs(model, theta):
+    """θ as a torch tensor (S, P) on ``model``'s device and dtype, and whether one vector (P,)
+    was given (torch models: :class:`CNN`, the user's own in :mod:`.user_model`)."""
+    torch = _torch()
+    if isinstance(theta, torch.Tensor):
+        t = theta.detach().to(device=model.device, dtype=model.torch_dtype)
+    else:
+        arr = np.asarray(theta)
+        if arr.dtype != model.dtype:
+            arr = arr.astype(model.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(arr)).to(model.device)
+    single = t.ndim == 1
+    if single:
+        t = t[None, :]
+    if t.ndim != 2 or t.shape[1] != model.num_params:
+        raise ValueError(f"{model.name}: theta must be (S, {model.num_params}), got {tuple(t.shape)}")
+    return t, single
+
+
 class CNN(Model):
     """Convolutional classifier in torch, evaluated on views of the flat parameter vector.
 
@@ -459,20 +478,7 @@ class CNN(Model):
         return theta
 
     def _theta(self, theta):
-        torch = _torch()
-        if isinstance(theta, torch.Tensor):
-            t = theta.detach().to(device=self.device, dtype=self.torch_dtype)
-        else:
-            arr = np.asarray(theta)
-            if arr.dtype != self.dtype:
-                arr = arr.astype(self.dtype)
-            t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
-        single = t.ndim == 1
-        if single:
-            t = t[None, :]
-        if t.ndim != 2 or t.shape[1] != self.num_params:
-            raise ValueError(f"{self.name}: theta must be (S, {self.num_params}), got {tuple(t.shape)}")
-        return t, single
+        return torch_runs(self, theta)
 
     # -- data
     def prepare(self, x, y) -> Batch:

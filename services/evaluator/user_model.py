@@ -49,7 +49,7 @@ import numpy as np
 from pmgd_node.config import MAX_JOB_VALUES, ConfigError
 
 from .data import Dataset
-from .models import Batch, Model
+from .models import Batch, Model, torch_runs
 
 LOSSES = ("mse", "cross_entropy")
 _TASK_KEYS = ("model", "train", "test", "loss")
@@ -300,17 +300,7 @@ class TorchModule(Model):
         return np.stack(rows).astype(self.dtype, copy=False)
 
     def _theta(self, theta):
-        torch = _torch()
-        if isinstance(theta, torch.Tensor):
-            t = theta.detach().to(device=self.device, dtype=self.torch_dtype)
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(np.asarray(theta, dtype=self.dtype))).to(self.device)
-        single = t.ndim == 1
-        if single:
-            t = t[None, :]
-        if t.ndim != 2 or t.shape[1] != self.num_params:
-            raise ValueError(f"{self.name}: theta must be (S, {self.num_params}), got {tuple(t.shape)}")
-        return t, single
+        return torch_runs(self, theta)
 
     # -- data
     def prepare(self, x, y) -> Batch:
