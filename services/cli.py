@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, metavar="NAME",
                        help="torch device for the CNN models (default: cuda if available)")
     train.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON")
+    train.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="split the seeds into N contiguous slices run by N worker processes (local engine; "
+                            "the same results as one process)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
     study = sub.add_parser("study", help="run a study sweep into CSV, JSON and figures (resumable)",
@@ -201,10 +204,18 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         config = JobConfig.from_dict(fit_to_cluster(fields, args.cluster, keys=keys))
     elif args.engine == "local" and config.chip and args.keys:
         keys = cluster_keys.load_optional(args.keys, args.key_name)  # our identity towards a keyed chip
+    if args.workers != 1:
+        from services.studies.workers import check_workers
+        from services.train import check_splittable
+
+        check_workers(args.workers)
+        if args.engine != "local":
+            raise ConfigError("workers", "splits the seeds of a job on the local engine only", kind="option")
+        check_splittable(config)
     from services.train import train_job  # heavy imports (torch) only once a command runs
 
     summary = train_job(config, device=args.device, progress=not args.quiet, engine=args.engine, cluster=args.cluster,
-                        started=started, keys=keys)
+                        started=started, keys=keys, workers=args.workers)
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
         with open(args.json_path, "w", encoding="utf-8") as f:
