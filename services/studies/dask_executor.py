@@ -1,6 +1,7 @@
 """A study's points on a Dask distributed cluster: ``pmgd study NAME --scheduler ADDRESS|local``.
 
-Every point is one Dask task, ``sweep.run_point(study, params, index, key, engine, nodes)``,
+Every point is one Dask task, ``sweep.run_point(study, params, index, key, engine, nodes)``
+(through :func:`dask_point`),
 submitted at once; the runner writes each entry as its task finishes. Dask reruns a task
 whose worker died (up to ``distributed.scheduler.allowed-failures`` times, 3 by default) on
 another worker, and hands each future's result back once; the runner writes a point's rows
@@ -37,7 +38,7 @@ from pmgd_node.config import ConfigError
 
 from .executor import Executor, label
 from .sweep import run_point
-from .workers import TaskError, thread_env, threads_per_worker
+from .workers import TaskError, config_error_parts, raise_config_error, thread_env, threads_per_worker
 
 TLS_FILES = {"ca": "ca.pem", "cert": "cert.pem", "key": "key.pem"}
 CONNECT_TIMEOUT_S = 30
@@ -88,6 +89,15 @@ def check_address(scheduler: str, security) -> str:
     return address
 
 
+def dask_point(*args) -> dict:
+    """:func:`sweep.run_point` as a Dask task: a ``ConfigError`` (which does not pickle) comes
+    back as ``{"config_error": (field, message, kind)}``, raised again by the runner."""
+    try:
+        return run_point(*args)
+    except ConfigError as err:
+        return {"config_error": config_error_parts(err)}
+
+
 class DaskExecutor(Executor):
     """The points as Dask tasks on the cluster at ``scheduler`` (or a local one, ``"local"``)."""
 
@@ -127,7 +137,7 @@ class DaskExecutor(Executor):
         run = uuid.uuid4().hex[:8]  # task keys unique to this run: a resumed study's are new tasks
         futures, names = [], {}
         for index, point in todo:
-            future = self.client.submit(run_point, self.study.name, params, index, point.key, self.engine,
+            future = self.client.submit(dask_point, self.study.name, params, index, point.key, self.engine,
                                         self.cluster_nodes, key=f"pmgd-{self.study.name}-{index}-{run}",
                                         pure=False, resources=self.resources)
             futures.append(future)
@@ -138,6 +148,8 @@ class DaskExecutor(Executor):
             except Exception as err:  # the point raised, or its workers kept dying (KilledWorker)
                 raise TaskError(f"point {names[future.key]} failed: {type(err).__name__}: {err}") from err
             future.release()
+            if "config_error" in entry:
+                raise_config_error(entry["config_error"], f"point {names[future.key]}")
             yield entry
 
     def close(self) -> None:

@@ -48,6 +48,21 @@ class TaskError(RuntimeError):
     """A task failed in a worker (it raised, or its worker died); the message names the task."""
 
 
+def config_error_parts(err) -> tuple[str, str, str]:
+    """(field, message, kind) of a ``ConfigError``: what it takes to raise it again in another
+    process (it does not pickle: its one argument is the formatted text)."""
+    text = str(err)
+    cut = text.find(f" '{err.field}'")
+    return err.field, err.message, text[:cut] if cut > 0 else "job config field"
+
+
+def raise_config_error(parts, where: str):
+    from pmgd_node.config import ConfigError
+
+    field, message, kind = parts
+    raise ConfigError(field, f"{message} ({where})", kind=kind)
+
+
 def cores() -> int:
     """The CPUs this process may run on (its affinity mask; ``os.cpu_count`` where there is none)."""
     try:
@@ -157,6 +172,8 @@ class WorkerPool:
                         raise TaskError(f"{label}: its worker process (pid {w.proc.pid}) died with exit code {code}")
                     w.task = None
                     kind, payload = message
+                    if kind == "config_error":  # a bad setting found as the task ran: still named as one
+                        raise_config_error(payload, label)
                     if kind == "error":
                         raise TaskError(f"{label} failed: {payload}")
                     yield i, payload
@@ -199,6 +216,7 @@ def main() -> int:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a task's prints go to stderr, never into the answers
     sys.stdout = os.fdopen(1, "w", buffering=1)
+    from pmgd_node.config import ConfigError
     from services.studies import ports
 
     ports.claim()
@@ -214,6 +232,8 @@ def main() -> int:
             for part in qualname.split("."):
                 fn = getattr(fn, part)
             answer = ("ok", fn(*args))
+        except ConfigError as err:
+            answer = ("config_error", config_error_parts(err))
         except Exception as err:  # reported to the runner, which raises it there
             traceback.print_exc()
             answer = ("error", f"{type(err).__name__}: {err}")
