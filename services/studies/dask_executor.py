@@ -117,10 +117,20 @@ class DaskExecutor(Executor):
                 raise ConfigError("point-resources", "a local Dask cluster's workers advertise no resources: start "
                                                      "workers with dask worker --resources (docs/studies.md)",
                                   kind="option")
+            import dask
+
             self.workers = workers
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                        dashboard_address=None, env=thread_env(threads_per_worker(workers)),
-                                        protocol="tls" if security else "tcp", security=sec if security else None)
+            threads = thread_env(threads_per_worker(workers))
+            # The BLAS/OpenMP variables must be in a worker's environment as it starts (before
+            # numpy loads): Dask's "pre-spawn" environment, which its nannies (in this process)
+            # also set here, so ours is put back at close.
+            self._environ = {name: os.environ.get(name) for name in threads}
+            spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **threads}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            host="127.0.0.1", dashboard_address=None, env=threads,
+                                            protocol="tls" if security else "tcp",
+                                            security=sec if security else None)
             self.client = Client(self.cluster, security=sec if security else None)
         else:
             address = check_address(scheduler, sec)
@@ -159,3 +169,8 @@ class DaskExecutor(Executor):
         if self.cluster is not None:
             self.cluster.close()
             self.cluster = None
+            for name, value in self._environ.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value

@@ -89,6 +89,7 @@ def test_a_study_resumes_and_refuses_other_parameters(tmp_path, monkeypatch):
         return original(self, point, p, ctx)
 
     monkeypatch.setattr(study_cls, "run", flaky)
+    monkeypatch.setattr("services.studies.workers.cores", lambda: 1)  # in-process points see the patch
     with pytest.raises(KeyboardInterrupt):
         main(args)
     assert len(_rows(tmp_path)) == 2  # the finished point is on disk

@@ -224,6 +224,7 @@ def test_interrupted_study_resumes_without_redoing_points(tmp_path, monkeypatch,
         return real_run(self, point, p, ctx)
 
     monkeypatch.setattr(fig5.Fig5, "run", failing)
+    monkeypatch.setattr("services.studies.workers.cores", lambda: 1)  # in-process points see the patch
     with pytest.raises(SystemExit) as exc:
         study("fig5", out, *sets)
     assert exc.value.code == 1 and "interrupted" in capsys.readouterr().err
