@@ -203,9 +203,11 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
     from pmgd_node.link import FateTable, Receiver, node_links
     from pmgd_node.node import ParameterNode
     from services.broadcaster.job import JobRun
+    from services.broadcaster.service import torch_threads
 
     config = job_config(P, nodes, seeds, 10**9, 10**9, data_dir)
     job = JobRun("compute", config)
+    threads = torch_threads(config)  # the torch threads the broadcaster gives this job's passes
     shards = range(len(job.shards))
     job.assignments()
     job.effective[...] = job.static
@@ -231,7 +233,8 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
         rx.offer(c, tick, tick)
         rx.close_tick(tick)
     t_node = (time.perf_counter() - t0) / n_ticks
-    return {"broadcaster_s": t_broadcaster, "node_s": t_node, "c0_per_tick": job.stage.c0_measurements / job.tick}
+    return {"broadcaster_s": t_broadcaster, "node_s": t_node, "c0_per_tick": job.stage.c0_measurements / job.tick,
+            "torch_threads": threads}
 
 
 # ------------------------------------------------------------------------------------ driver

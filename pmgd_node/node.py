@@ -32,8 +32,51 @@ from .integrator import make_integrator
 from .perturbation import Perturbation, make_perturbation
 
 # Ticks of θ̃ generated at once: the generators are vectorised over time, so a block costs
-# little more than one tick and a node asks for a new one every BLOCK ticks only.
+# little more than one tick and a node asks for a new one every block only. A block holds at
+# most BLOCK_VALUES values (2 MiB of float64): by then the per-call cost is long paid for, and
+# 64 ticks of a 10⁶-parameter shard would take 256 MB of float32, twice (two blocks are kept).
 BLOCK = 64
+BLOCK_VALUES = 1 << 18
+
+
+def block_ticks(runs: int, n: int) -> int:
+    """Ticks per block of θ̃ for a shard of ``n`` parameters and ``runs`` runs. A function of
+    the shard's shape alone, so every holder of the same shard computes the same blocks."""
+    return max(1, min(BLOCK, BLOCK_VALUES // max(1, runs * n)))
+
+
+class ShardPerturbation:
+    """θ̃[t] of the shard [start, stop), shape (S, n): the shard's perturbation, times its
+    devices' fixed amplitude gains when the job has device variation, served from a cache of
+    two blocks of ``block_ticks(S, n)`` ticks.
+
+    Two blocks are kept so that a late (tagged) C̃ from the previous block does not evict the
+    current one. The node's θ̃ is this object; so is the broadcaster's regeneration of it
+    for the replica uplink (services/broadcaster/job.py), which is what makes the two equal.
+    """
+
+    def __init__(self, perturbation: Perturbation, start: int, stop: int, shape: tuple[int, int], dtype,
+                 amp_gain: np.ndarray | None = None):
+        self.perturbation, self.start, self.stop = perturbation, start, stop
+        self.ticks = block_ticks(shape[0], stop - start)
+        self._amp_gain = amp_gain
+        self._blocks: dict[int, np.ndarray] = {}
+        # Reused buffers: fresh blocks would come from the OS page by page.
+        self._block_buf = np.empty((self.ticks,) + tuple(shape), dtype=dtype)
+
+    def at(self, tick: int) -> np.ndarray:
+        """θ̃[tick], (S, n): a view into the cached block of that tick (do not write to it)."""
+        t0 = tick - tick % self.ticks
+        block = self._blocks.get(t0)
+        if block is None:
+            if len(self._blocks) == 2:
+                buf = self._blocks.pop(min(self._blocks))
+            else:
+                buf = self._block_buf if not self._blocks else np.empty_like(self._block_buf)
+            block = self._blocks[t0] = self.perturbation.block(t0, self.ticks, self.start, self.stop, out=buf)
+            if self._amp_gain is not None:
+                block *= self._amp_gain
+        return block[tick - t0]
 
 
 class ParameterNode:
@@ -66,10 +109,7 @@ class ParameterNode:
             config.weight_decay
         self._analog = config.mode == "analog"
         self._tagged = config.correlation == "tagged"
-        self._blocks: dict[int, np.ndarray] = {}
-        # Reused buffers: a block of θ̃ is ~S·n·BLOCK values, and ε is rebuilt every tick.
-        self._block_buf = np.empty((BLOCK,) + theta0.shape, dtype=theta0.dtype)
-        self._eps = np.empty_like(theta0)
+        self._eps = np.empty_like(theta0)  # reused: ε is rebuilt every tick
         self._tau_theta = config.tau_theta
         self._compensation = config.compensation
         self._seeds, self._num_params = seeds, num_params
@@ -79,6 +119,8 @@ class ParameterNode:
         if config.device_variation:
             a, u = imperfections.device_gains(seeds, start, stop, config.device_variation)
             self._amp_gain, self._update_gain = a.astype(theta0.dtype), u.astype(theta0.dtype)
+        self.theta_tilde = ShardPerturbation(self.perturbation, start, stop, theta0.shape, theta0.dtype,
+                                             self._amp_gain)
         self.updates = 0
 
     @property
@@ -87,22 +129,8 @@ class ParameterNode:
         return self.integrator.g
 
     def perturbation_at(self, tick: int) -> np.ndarray:
-        """θ̃[tick] of this shard, (S, n), from a cached block of ticks when possible.
-
-        Two blocks are kept so that a late (tagged) C̃ from the previous block does not
-        evict the current one.
-        """
-        t0 = tick - tick % BLOCK
-        block = self._blocks.get(t0)
-        if block is None:
-            if len(self._blocks) == 2:
-                buf = self._blocks.pop(min(self._blocks))
-            else:
-                buf = self._block_buf if not self._blocks else np.empty_like(self._block_buf)
-            block = self._blocks[t0] = self.perturbation.block(t0, BLOCK, self.start, self.stop, out=buf)
-            if self._amp_gain is not None:
-                block *= self._amp_gain
-        return block[tick - t0]
+        """θ̃[tick] of this shard, (S, n), from a cached block of ticks when possible."""
+        return self.theta_tilde.at(tick)
 
     def effective_weights(self, tick: int) -> np.ndarray:
         """θ⁰ + θ̃[tick]: what the network computes with during a perturbed tick."""

@@ -32,6 +32,7 @@ _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _IDX_MUL = np.uint64(0xD6E8FEB86659FD93)
+_TILE = 1 << 15  # R-CM hashes this many values at a time: two uint64 tiles of 256 KiB, in L2
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -183,32 +184,53 @@ class RandomCode(Perturbation):
 
     def block(self, t0, count, start, stop, out=None):
         """θ̃ = ±A with the sign from bit 63 of h = splitmix64(k_{s,t} ^ i·c), where
-        k_{s,t} = splitmix64(key_s ^ t): set → +A, clear → −A."""
-        ticks = np.arange(t0, t0 + count, dtype=np.uint64)
-        key = splitmix64(self._run_key[None, :] ^ ticks[:, None])  # (T, S)
-        a = self.dtype.type(self.amplitude)
-        shape = (count, len(self.seeds), stop - start)
-        direct = self.dtype.itemsize == 8 and out is not None
-        z = out.view(np.uint64) if direct else np.empty(shape, dtype=np.uint64)
-        np.bitwise_xor(key[:, :, None], self._index_code(start, stop)[None, None, :], out=z)
-        _splitmix64_top_(z, self._scratch(shape))
-        if self.dtype.itemsize != 8:
-            values = np.where((z >> np.uint64(63)).astype(bool), a, -a)
-            if out is None:
-                return values
-            np.copyto(out, values)
-            return out
-        # 64-bit floats: take A and flip its sign bit where the hash bit is clear, in place.
-        # (z & 2⁶³) ^ (bits(A) ^ 2⁶³) is exactly A or −A, as a select would give.
-        sign = np.uint64(1 << 63)
-        z &= sign
-        z ^= a.view(np.uint64) ^ sign
-        return z.view(self.dtype)
+        k_{s,t} = splitmix64(key_s ^ t): set → +A, clear → −A.
 
-    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
-        if self._tmp.shape != shape:
-            self._tmp = np.empty(shape, dtype=np.uint64)
-        return self._tmp
+        The hash runs over tiles of at most ``_TILE`` values, so its scratch stays in the
+        L2 cache (a block of 4·10⁶ values hashed whole went through memory at each of its
+        eight passes: 43 ns a float32 value against 4 ns tiled, docs/benchmarks.md, issue 17)."""
+        ticks = np.arange(t0, t0 + count, dtype=np.uint64)
+        key = splitmix64(self._run_key[None, :] ^ ticks[:, None]).reshape(-1, 1)  # (T·S, 1): one per row
+        a = self.dtype.type(self.amplitude)
+        n, rows = stop - start, count * len(self.seeds)
+        if out is None:
+            out = np.empty((count, len(self.seeds), n), dtype=self.dtype)
+        codes = self._index_code(start, stop)[None, :]
+        size = self.dtype.itemsize
+        if size not in (4, 8):  # no bit trick for this width: a select, untiled
+            z = np.bitwise_xor(key, codes)
+            _splitmix64_top_(z, np.empty_like(z))
+            np.copyto(out.reshape(rows, n), np.where((z >> np.uint64(63)).astype(bool), a, -a))
+            return out
+        # A and its sign bit flipped where the hash bit is clear: (h & 2^63) ^ (bits(A) ^ 2^63) is
+        # exactly A or −A (a float32 takes the top half of h), as a select would give.
+        bits = out.reshape(rows, n).view(np.uint64 if size == 8 else np.uint32)
+        sign = np.uint64(1 << 63) if size == 8 else np.uint64(1 << 31)
+        fill = np.uint64(int(a.view(np.uint64 if size == 8 else np.uint32))) ^ sign
+        per_row, per_col = max(1, _TILE // n), min(n, _TILE)
+        z_buf, tmp_buf = self._scratch()
+        for r0 in range(0, rows, per_row):
+            r1 = min(rows, r0 + per_row)
+            for c0 in range(0, n, per_col):
+                c1 = min(n, c0 + per_col)
+                shape = (r1 - r0, c1 - c0)
+                # float64 values are hashed in place; a float32's need 64-bit room first
+                z = bits[r0:r1, c0:c1] if size == 8 else z_buf[: shape[0] * shape[1]].reshape(shape)
+                np.bitwise_xor(key[r0:r1], codes[:, c0:c1], out=z)
+                _splitmix64_top_(z, tmp_buf[: z.size].reshape(shape))
+                if size == 4:
+                    z >>= np.uint64(32)
+                z &= sign
+                z ^= fill
+                if size == 4:
+                    np.copyto(bits[r0:r1, c0:c1], z, casting="unsafe")
+        return out
+
+    def _scratch(self) -> tuple[np.ndarray, np.ndarray]:
+        """Two uint64 tiles, kept: fresh arrays would come from the OS page by page."""
+        if self._tmp.size != 2 * _TILE:
+            self._tmp = np.empty(2 * _TILE, dtype=np.uint64)
+        return self._tmp[:_TILE], self._tmp[_TILE:]
 
     def _index_code(self, start: int, stop: int) -> np.ndarray:
         """i·c for the shard's indices (a node asks for the same shard every block)."""

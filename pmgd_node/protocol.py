@@ -220,14 +220,28 @@ class _Plan:
     """What encode and decode need to know of one message class, worked out once (hot path)."""
 
     def __init__(self, cls: type[Message]):
+        self.cls = cls
         self.arrays = cls.ARRAYS
+        fields = dataclasses.fields(cls)
         # (name, is array) in field order: the header keys come out in the same order.
-        self.fields = tuple((f.name, f.name in cls.ARRAYS) for f in dataclasses.fields(cls))
+        self.fields = tuple((f.name, f.name in cls.ARRAYS) for f in fields)
         # What decode checks, in field order: (name, kind, required); kind None for an array
         # (required: it may not be None), else the type a header field must have.
         self.checks = tuple((f.name, None if f.name in cls.ARRAYS else _FIELD_TYPES[_base_type(f.type)],
                              f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-                            for f in dataclasses.fields(cls))
+                            for f in fields)
+        # An absent optional header field takes its default (a fresh one from a factory).
+        self.defaults = {f.name: (f.default, f.default_factory) for f in fields
+                         if f.name not in cls.ARRAYS and (f.default is not dataclasses.MISSING
+                                                          or f.default_factory is not dataclasses.MISSING)}
+
+    def make(self, values: dict[str, Any]) -> Message:
+        """The message of these (checked, complete) field values. The frozen dataclass's
+        ``__init__`` assigns field by field through ``object.__setattr__``; its instance dict
+        takes them at once (the same object, for a fraction of the per-message cost)."""
+        msg = object.__new__(self.cls)
+        msg.__dict__.update(values)
+        return msg
 
 
 _PLANS: dict[type, _Plan] = {}
@@ -272,38 +286,44 @@ def encode(msg: Message) -> list[bytes]:
     return frames
 
 
+_UNPACK = dict(raw=False, strict_map_key=True, max_bin_len=1 << 16, max_str_len=1 << 16, max_array_len=1 << 16,
+               max_map_len=1 << 16)
+
+
 def decode(frames: list[bytes]) -> Message:
-    """Parse the frames of one message; raise :class:`ProtocolError` on anything malformed."""
+    """Parse the frames of one message; raise :class:`ProtocolError` on anything malformed.
+
+    Frames may be ``bytes`` or any buffer (a ZeroMQ ``Frame`` received without a copy): the
+    arrays are then read-only views of the received buffers, never copied here."""
     if not frames:
         raise ProtocolError("empty")
-    total = sum(len(f) for f in frames)
+    total = sum(map(len, frames))
     if total > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversized", f"{total} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_bin_len=1 << 16,
-                                 max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=1 << 16)
+        header = msgpack.unpackb(frames[0], **_UNPACK)
     except Exception as err:  # msgpack raises several unrelated exception types
         raise ProtocolError("header", f"not msgpack: {type(err).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header", "not a map")
     if header.get("v") != VERSION:
         raise ProtocolError("version", f"got {header.get('v')!r}, speak {VERSION}")
-    cls = MESSAGES.get(header.get("t")) if isinstance(header.get("t"), str) else None
-    if cls is None:
+    kind = header.get("t")
+    plan = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if plan is None:
         raise ProtocolError("type", f"unknown message type {header.get('t')!r}")
+    cls = plan.cls
     specs = header.get("a")
-    if not isinstance(specs, list) or len(specs) != len(cls.ARRAYS):
-        raise ProtocolError("arrays", f"{cls.TYPE} carries {len(cls.ARRAYS)} array specs")
-    plan = _plan(cls)
-    kwargs: dict[str, Any] = {}
+    if not isinstance(specs, list) or len(specs) != len(plan.arrays):
+        raise ProtocolError("arrays", f"{cls.TYPE} carries {len(plan.arrays)} array specs")
+    values: dict[str, Any] = {}
     frame = 1
     for name, spec in zip(plan.arrays, specs):
         if spec is None:
-            kwargs[name] = None
+            values[name] = None
             continue
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in _DTYPES and isinstance(spec[1], list)
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in spec[1])
-                and len(spec[1]) <= 4):
+                and len(spec[1]) <= 4 and _sizes(spec[1])):
             raise ProtocolError("arrays", f"bad spec for {cls.TYPE}.{name}: {spec!r}")
         if frame >= len(frames):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name} frame missing")
@@ -311,34 +331,46 @@ def decode(frames: list[bytes]) -> Message:
         count = math.prod(spec[1])  # exact: an int64 product can wrap around (65536⁴ → 0)
         if count * dtype.itemsize != len(frames[frame]):
             raise ProtocolError("truncated", f"{cls.TYPE}.{name}: {len(frames[frame])} bytes for shape {spec[1]}")
-        kwargs[name] = np.frombuffer(frames[frame], dtype=dtype).reshape(spec[1])
+        values[name] = np.frombuffer(frames[frame], dtype=dtype).reshape(spec[1])
         frame += 1
     if frame != len(frames):
         raise ProtocolError("arrays", f"{len(frames) - frame} extra frames")
     for name, kind, required in plan.checks:
         if kind is None:
-            if required and kwargs[name] is None:
+            if required and values[name] is None:
                 raise ProtocolError("arrays", f"{cls.TYPE}.{name} is required")
             continue
         if name not in header:
             if required:
                 raise ProtocolError("field", f"{cls.TYPE}.{name} missing")
+            default, factory = plan.defaults[name]
+            values[name] = default if factory is dataclasses.MISSING else factory()
             continue
         value = header[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError("field", f"{cls.TYPE}.{name} must be {kind.__name__}, got {type(value).__name__}")
         if kind is int and not -MAX_INT <= value <= MAX_INT:
             raise ProtocolError("field", f"{cls.TYPE}.{name} must be within ±2**53, got {value}")
-        kwargs[name] = value
-    msg = cls(**kwargs)
-    if cls is Control and msg.command not in Control.COMMANDS:
+        values[name] = value
+    if cls is Control and values["command"] not in Control.COMMANDS:
         raise ProtocolError("field", f"control.command must be one of {', '.join(Control.COMMANDS)}")
-    return msg
+    return plan.make(values)
+
+
+def _sizes(shape: list) -> bool:
+    """Every entry of an array spec's shape is a plain int in [0, 2³¹)."""
+    for d in shape:
+        if not (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31):
+            return False
+    return True
 
 
 def _base_type(annotation: str) -> type:
     # Annotations are strings (``from __future__ import annotations``): map the few we use.
     return {"int": int, "str": str, "dict": dict, "bool": bool}[annotation]
+
+
+_BY_TYPE: dict[str, _Plan] = {name: _plan(cls) for name, cls in MESSAGES.items()}
 
 
 # ================================================================================================

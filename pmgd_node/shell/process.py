@@ -90,6 +90,26 @@ class NodeMetrics:
         self.resends = Counter("pmgd_node_resend_requests", "C̃ asked for again after resend_s", registry=r)
         self.joins = Counter("pmgd_node_joins", "joins sent to the broadcaster", registry=r)
         self.shard_params = Gauge("pmgd_node_shard_params", "parameters in this node's shard", registry=r)
+        self._ticks, self._waits = 0, []  # since the last flush
+
+    def tick(self, wait: float | None) -> None:
+        """A tick closed (``wait``: seconds from our weights to its C̃, when one was heard);
+        kept until :meth:`flush`, since updating the series costs more than a small tick."""
+        self._ticks += 1
+        if wait is not None:
+            self._waits.append(wait)
+
+    def heard(self, wait: float) -> None:
+        """A C̃ heard ``wait`` seconds after our weights went (async: not tied to a tick)."""
+        self._waits.append(wait)
+
+    def flush(self) -> None:
+        """Bring the tick series up to date (every heartbeat)."""
+        if self._ticks:
+            self.ticks.inc(self._ticks)
+        for wait in self._waits:
+            self.cost_wait.observe(wait)
+        self._ticks, self._waits = 0, []
 
 
 class NodeProcess:
@@ -178,7 +198,7 @@ class NodeProcess:
             if self.rx.close_tick(self.tick):
                 self._static_sent = False
             self.tick += 1
-            self.metrics.ticks.inc()
+            self.metrics.tick(None)
             if self.tick % self.config.checkpoint_every == 0:
                 self._checkpoint()
             self._send_weights()
@@ -243,19 +263,24 @@ class NodeProcess:
                 # shard; after our tick it is impossible. Neither is ours to correlate.
                 return
             self.rx.offer(c.c_tilde, tag, self.tick, seq=c.seq)
-            self.metrics.cost_wait.observe(time.monotonic() - self._sent_at)
+            self.metrics.heard(time.monotonic() - self._sent_at)
             return
         if c.tick != self.tick:
             return  # a duplicate of a tick already closed
         if c.c_tilde.shape != (self.config.seeds,):
             self._drop("shape")
             return
-        self.metrics.cost_wait.observe(time.monotonic() - self._sent_at)
-        self.rx.offer(c.c_tilde, c.tick, self.tick)
-        if self.rx.close_tick(self.tick):
+        wait = time.monotonic() - self._sent_at
+        rx = self.rx
+        if rx.link.ideal and not len(rx.line):
+            changed = self.node.receive(c.c_tilde, c.tick)  # what offer + close_tick do on an ideal link
+        else:
+            rx.offer(c.c_tilde, c.tick, self.tick)
+            changed = rx.close_tick(self.tick)
+        if changed:
             self._static_sent = False  # θ⁰ changed: the next weights carry it
         self.tick += 1
-        self.metrics.ticks.inc()
+        self.metrics.tick(wait)
         if self.tick % self.config.checkpoint_every == 0:
             self._checkpoint()
         if not self.paused:
@@ -291,6 +316,12 @@ class NodeProcess:
             return
         self.handle(msg)
 
+    def _on_control_frames(self, frames: list[bytes]) -> None:
+        self._receive(frames, self.CONTROL_KINDS)
+
+    def _on_cost_frames(self, frames: list[bytes]) -> None:
+        self._receive(frames[1:], self.COST_KINDS)  # after the topic; none left: 'empty'
+
     def handle(self, msg: p.Message | None) -> None:
         if isinstance(msg, p.Assign):
             self._on_assign(msg)
@@ -314,23 +345,14 @@ class NodeProcess:
             events = dict(poller.poll(int(timeout * 1000)))
             now = time.monotonic()
             if self.control in events:
-                for _ in range(100):
-                    try:
-                        frames = self.control.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    last_heard = now
-                    self._receive(frames, self.CONTROL_KINDS)
+                last_heard = now
+                _drain(self.control, self._on_control_frames)
             if self.cost in events:
-                for _ in range(100):
-                    try:
-                        frames = self.cost.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    last_heard = now
-                    self._receive(frames[1:], self.COST_KINDS)  # after the topic; none left: 'empty'
+                last_heard = now
+                _drain(self.cost, self._on_cost_frames)
             if now - last_beat >= self.s.heartbeat_s:
                 self._log_refusal()
+                self.metrics.flush()
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
                 last_beat = now
@@ -366,6 +388,19 @@ class NodeProcess:
         for sock in (self.control, self.weights, self.cost):
             sock.close(linger=0)
         self.ctx.term()
+
+
+def _drain(sock: zmq.Socket, handle, most: int = 100) -> None:
+    """Hand every message waiting on ``sock`` (at most ``most``) to ``handle``; the socket's
+    EVENTS say when it is empty (a receive failing with Again costs more than a small tick)."""
+    for _ in range(most):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handle(frames)
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,68 @@ def _mean(x: np.ndarray) -> float:
     return float(np.mean(x))
 
 
+# A forward pass of at most this many images (C₀ and perturbed passes: 2·S·batch) runs on one
+# torch thread. Measured on the project's 2-core machine (docs/benchmarks.md, issue 17): the
+# CIFAR-10 CNN's tick at batch 1, 4 and 64 took 1.6, 1.5–2.2 and 14.7 ms with one thread
+# against 5.4–6.0, 6.1–22 and 32–71 ms with two, whose OpenMP workers spin after every small
+# pass and wait on each other whenever another process holds a core.
+ONE_THREAD_IMAGES = 128
+_torch_default_threads: list[int] = []  # torch's own choice, taken before the first change
+
+
+def torch_threads(config: JobConfig) -> int | None:
+    """Set torch's intra-op threads for ``config``'s forward passes: 1 for small passes, torch's
+    default otherwise; returns the count set (None when torch is not loaded: a numpy model)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if not _torch_default_threads:
+        _torch_default_threads.append(torch.get_num_threads())
+    want = 1 if 2 * config.seeds * config.batch <= ONE_THREAD_IMAGES else _torch_default_threads[0]
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    return want
+
+
+class TickReports:
+    """The per-tick reports since the last progress message (docs/cluster.md, Reports).
+
+    A tick only appends the numbers it already holds (its C, held C₀ and C̃ arrays, the gather
+    wait, …); the means and the dicts a progress message carries are built when it leaves,
+    every ``eval_every`` ticks, off the tick's own path."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._rows: list[tuple] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, tick: int, cost: np.ndarray, c0: np.ndarray | None, c_tilde: np.ndarray, staleness,
+            node_ticks: np.ndarray | None, gather_wait_s: float, dropped: int) -> None:
+        self._rows.append((tick, cost, c0, c_tilde, staleness, node_ticks, gather_wait_s, dropped))
+        if len(self._rows) > 2 * self.capacity:  # trimmed now and then, not every tick
+            del self._rows[:-self.capacity]
+
+    def take(self) -> list[dict]:
+        """The reports as dicts (the newest ``capacity``), and forget them."""
+        rows, self._rows = self._rows[-self.capacity:], []
+        means: dict[int, float] = {}  # one held C₀ serves many ticks
+
+        def held(c0):
+            if c0 is None:
+                return None
+            if id(c0) not in means:
+                means[id(c0)] = _mean(c0)
+            return means[id(c0)]
+
+        return [{"tick": tick, "cost": _mean(cost), "c0": held(c0), "c_tilde": _mean(c_tilde),
+                 # staleness: how many ticks old each node's shard was (0 in sync mode)
+                 "staleness": staleness if isinstance(staleness, list) else staleness.tolist(),
+                 "node_ticks": None if tags is None else tags.tolist(), "gather_wait_s": wait, "dropped": dropped}
+                for tick, cost, c0, c_tilde, staleness, tags, wait, dropped in rows]
+
+
 class BroadcasterMetrics:
     """The broadcaster's Prometheus series (served on ``metrics_port`` when set)."""
 
@@ -97,6 +159,19 @@ class BroadcasterMetrics:
         self.checkpoints = Counter("pmgd_broadcaster_checkpoints", "job checkpoints completed", registry=r)
         self.state = Gauge("pmgd_broadcaster_state", "1 for the broadcaster's current state", ["state"], registry=r)
         self._labelled: set[str] = set()  # nodes with per-node series
+
+    def tick_batch(self, ticks: int, last_tick: int, cost: float, c_tilde: float, waits: list[float],
+                   staleness) -> None:
+        """The tick series, for the ticks run since the last call (batched: per tick they cost
+        more than the tick's own messaging at small P)."""
+        self.ticks.inc(ticks)
+        self.job_tick.set(last_tick + 1)
+        self.cost.set(cost)
+        self.c_tilde.set(c_tilde)
+        for wait in waits:
+            self.gather_wait.observe(wait)
+        for k, age in enumerate(staleness):
+            self.staleness.labels(str(k)).set(age)
 
     def refresh(self, state: str, nodes: dict, now: float) -> None:
         """Per-node and state gauges, every heartbeat check."""
@@ -160,7 +235,9 @@ class Broadcaster:
         self.saved = 0  # checkpoints written to state_dir
         self._saved_checkpoints = 0  # the job's checkpoints_taken when state_dir was last written
         self.resume_error = ""  # why a checkpoint found on disk at start was refused
-        self._reports: list[dict] = []  # per-tick reports since the last progress message
+        self._reports = TickReports(self.MAX_REPORTS)  # per-tick reports since the last progress message
+        self._pending_waits: list[float] = []  # gather waits not yet in the metrics
+        self._last_metrics: tuple | None = None  # the newest tick's numbers for the metrics
         self._last_publish = time.monotonic()
         self._next_tick_at = 0.0  # async: when the broadcaster's clock runs the next tick
         self.results: dict[str, dict] = {}  # summaries of finished jobs, by id
@@ -216,6 +293,7 @@ class Broadcaster:
                 return
             self.job, self.state = job, "waiting"
             self._saved_checkpoints = job.checkpoints_taken
+            torch_threads(job.config)
             self._log(f"resuming job {job.id} from its checkpoint at tick {job.checkpoint['tick']}")
 
     # --- job lifecycle ---------------------------------------------------------------------------
@@ -255,6 +333,7 @@ class Broadcaster:
             return
         self.job, self.client, self.state = job, identity, "waiting"
         self._saved_checkpoints = job.checkpoints_taken
+        torch_threads(config)
         self._log(f"job {job.id}: {config.task} on {config.nodes} node(s), waiting for nodes")
         self._try_start()
 
@@ -293,6 +372,7 @@ class Broadcaster:
 
     def _finish(self) -> None:
         job = self.job
+        self._flush_metrics()
         try:
             result = job.result()  # measures θ⁰ when the job has no evaluation yet: on its chip, if any
         except ChipError as err:
@@ -481,38 +561,36 @@ class Broadcaster:
                 self.sent.popitem(last=False)
             self.ticks += 1
             stage = job.stage
-            held = getattr(stage.extractor, "c0", None)
-            report = {
-                "tick": cost.tick, "cost": _mean(stage.last_cost),
-                "c0": None if held is None else _mean(held), "c_tilde": _mean(cost.c_tilde),
-                # staleness: how many ticks old each node's shard was (0 in sync mode)
-                "staleness": job.staleness(cost.tick),
-                "node_ticks": None if cost.tags is None else cost.tags.tolist(),
-                "gather_wait_s": now - self._last_publish, "dropped": self.total_dropped()}
-            self._reports.append(report)
-            m = self.metrics
-            m.ticks.inc()
-            m.job_tick.set(cost.tick + 1)
-            m.cost.set(report["cost"])
-            m.c_tilde.set(report["c_tilde"])
-            m.gather_wait.observe(report["gather_wait_s"])
-            for k, age in enumerate(report["staleness"]):
-                m.staleness.labels(str(k)).set(age)
-            del self._reports[:-self.MAX_REPORTS]
+            wait = now - self._last_publish
+            staleness = job.staleness(cost.tick)
+            self._reports.add(cost.tick, stage.last_cost, getattr(stage.extractor, "c0", None), cost.c_tilde,
+                              staleness, cost.tags, wait, self.total_dropped())
+            self._pending_waits.append(wait)
+            self._last_metrics = (cost.tick, stage.last_cost, cost.c_tilde, staleness)
             self._last_publish = time.monotonic()
         if point is not None and self.client is not None:
             data = {"tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
                     "accuracy": point.accuracy.tolist(), "solved": int((job.t_sol >= 0).sum()),
-                    "reports": self._reports}
+                    "reports": self._reports.take()}
             if job.checkpoints_taken != self._progress_checkpoint:  # θ⁰ of a new checkpoint, once
                 self._progress_checkpoint = job.checkpoints_taken
                 ck = job.checkpoint
                 data["checkpoint"] = {"tick": int(ck["tick"]), "theta0": np.concatenate(
                     [st["theta0"] for st in ck["shards"]], axis=-1).tolist()}
             self._to(self.client, p.Progress(job.id, False, data))
-            self._reports = []
+            self._flush_metrics()
         if cost is None:
             self._finish()
+
+    def _flush_metrics(self) -> None:
+        """The tick series of the ticks run since the last flush (every progress message and
+        every heartbeat check, not every tick)."""
+        if self._last_metrics is None:
+            return
+        tick, cost, c_tilde, staleness = self._last_metrics
+        self.metrics.tick_batch(len(self._pending_waits), tick, _mean(cost), _mean(c_tilde), self._pending_waits,
+                                staleness)
+        self._pending_waits, self._last_metrics = [], None
 
     def total_dropped(self) -> int:
         """Malformed frames dropped by the broadcaster and (as reported) by every node."""
@@ -533,17 +611,11 @@ class Broadcaster:
                 timeout = max(0, min(timeout, int((self._next_tick_at - time.monotonic()) * 1000)))
             events = dict(poller.poll(timeout))
             if self.pull in events:
-                for _ in range(1000):
-                    try:
-                        self._on_weights(self.pull.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                # Zero-copy: a shard's arrays are read straight from ZeroMQ's buffers into the
+                # job's θ⁰ + θ̃ (one copy, not two).
+                _drain(self.pull, self._on_weights, copy=False)
             if self.router in events:
-                for _ in range(1000):
-                    try:
-                        self._on_control(self.router.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                _drain(self.router, self._on_control)
             now = time.monotonic()
             if clocked and self.job is job and self.state == "running" and now >= self._next_tick_at:
                 # Async: tick on our own clock with the newest shard of every node (once each
@@ -562,6 +634,7 @@ class Broadcaster:
                         self._lose(node_id, f"shard {info.shard} not taken up within {self.s.heartbeat_timeout_s:g} s")
                 self._asked_to_join = {k: t for k, t in self._asked_to_join.items()
                                        if now - t <= self.s.heartbeat_timeout_s}
+                self._flush_metrics()
                 self.metrics.refresh(self.state, self.nodes, now)
         self.close()
         return 0
@@ -572,6 +645,20 @@ class Broadcaster:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+
+def _drain(sock: zmq.Socket, handle, copy: bool = True, most: int = 1000) -> None:
+    """Hand every message waiting on ``sock`` (at most ``most``) to ``handle``. The socket's
+    EVENTS say when it is empty: a receive that fails with Again would cost more than the
+    message it did not get."""
+    for _ in range(most):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+        except zmq.Again:
+            return
+        handle(frames)
+        if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
