@@ -127,8 +127,10 @@ class DaskExecutor(Executor):
             self._environ = {name: os.environ.get(name) for name in threads}
             spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **threads}
             with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+                # The scheduler serves HTTP (health, metrics, task pages) whatever the dashboard
+                # setting: on a loopback port of its own, never the fixed 8787 another run may hold.
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            host="127.0.0.1", dashboard_address=None, env=threads,
+                                            host="127.0.0.1", dashboard_address="127.0.0.1:0", env=threads,
                                             protocol="tls" if security else "tcp",
                                             security=sec if security else None)
             self.client = Client(self.cluster, security=sec if security else None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -108,7 +110,7 @@ def test_a_dask_worker_killed_mid_point_loses_and_duplicates_nothing(tmp_path, s
     study = studies.get("drop")
     params = resolve_params(study, SLOW_POINTS)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
         done: list = []
         runner = threading.Thread(target=lambda: done.append(run_study(study, params, str(out), progress=False,
                                                                        scheduler=cluster.scheduler_address)))
@@ -183,3 +185,55 @@ def test_only_loopback_may_go_without_tls():
     for address in ("tcp://192.168.1.5:8786", "tcp://scheduler.lab:8786"):
         with pytest.raises(ConfigError, match="not on loopback"):
             dask_executor.check_address(address, plain)
+
+
+def _certificates(folder, name: str) -> None:
+    """A CA of its own and a certificate it signed: ca.pem, cert.pem, key.pem (docs/studies.md)."""
+    folder.mkdir()
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}-ca",
+        "-keyout", "ca-key.pem", "-out", "ca.pem")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", "key.pem", "-out", "cert.csr")
+    ssl("x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2",
+        "-out", "cert.pem")
+
+
+@pytest.mark.slow
+def test_a_tls_dask_cluster_refuses_strangers_and_runs_points(tmp_path):
+    """``--scheduler-security DIR``: the cluster speaks TLS and accepts only peers whose
+    certificate its CA signed; a client without one, or with another CA's, is refused."""
+    from distributed import Client, Security
+
+    _certificates(tmp_path / "ours", "pmgd")
+    _certificates(tmp_path / "theirs", "stranger")
+    study = studies.get("drop")
+    params = resolve_params(study, {"values": [0.0], "perturbations": ["tm"], "seeds": 2, "max_ticks": 400,
+                                    "angle_ticks": 40})
+    executor = dask_executor.DaskExecutor(study, params, "local", workers=1, security=str(tmp_path / "ours"))
+    try:
+        address = executor.cluster.scheduler_address
+        assert address.startswith("tls://127.0.0.1:")
+        ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+        # A Dask client that trusts our CA but holds a certificate another CA signed: refused.
+        stranger = Security(require_encryption=True, tls_ca_file=str(ours / "ca.pem"),
+                            tls_client_cert=str(theirs / "cert.pem"), tls_client_key=str(theirs / "key.pem"))
+        with pytest.raises((OSError, TimeoutError)):
+            Client(address, security=stranger, timeout=3)
+        # A TLS client with no certificate at all: the scheduler ends the handshake (an alert, not
+        # the silence of a server waiting for the client's first message).
+        context = ssl.create_default_context(cafile=str(ours / "ca.pem"))
+        context.check_hostname = False
+        host, port = address.removeprefix("tls://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as raw, pytest.raises(ssl.SSLError):
+            with context.wrap_socket(raw) as tls:
+                tls.recv(1)
+        got = list(executor.run([(0, study.points(params)[0])]))
+    finally:
+        executor.close()
+    from services.studies.executor import InProcess
+
+    with InProcess(study, params) as here:
+        assert [e["rows"] for e in got] == [e["rows"] for e in here.run([(0, study.points(params)[0])])]
