@@ -27,6 +27,7 @@ INTEGRATORS = ("auto", "sum", "lowpass", "momentum")
 TIMINGS = ("sync", "async")
 CORRELATIONS = ("tagged", "untagged")
 JITTER_DISTS = ("uniform", "exponential")
+UPLINKS = ("full", "replica")
 # Link-model fields a per-node override (``node_links``) may set.
 LINK_FIELDS = ("delay", "jitter", "drop", "up_delay", "up_jitter", "up_drop", "drift")
 _TASK_RE = re.compile(r"^(parity([2-9]|1[0-2])|fmnist|cifar10|custom)$")
@@ -78,6 +79,8 @@ FIELD_HELP = {
     "up_drop": "probability a weights message is lost (async)",
     "drift": "async: node clock rates uniform in 1 ± X",
     "tick_period": "cluster τ_p in seconds (0: as fast as possible)",
+    "uplink": "cluster, sync: full (θ⁰ + θ̃ every tick) or replica (θ⁰ at updates and a checksum per tick; "
+              "the broadcaster regenerates θ̃); async always sends full (docs/cluster.md)",
     "checkpoint_every": "cluster: ticks between θ⁰ checkpoints",
     "compensation": "untagged: correlate C̃ with θ̃[now − N] (a known delay; FM phase compensation)",
     "cost_noise": "σ of Gaussian read-out noise on every measured cost",
@@ -165,7 +168,7 @@ MAX_JOB_VALUES = 4_000_000
 CNN_PARAMS = {"fmnist": 14_378, "cifar10": 26_154}
 
 CHOICES = {"perturbation": PERTURBATIONS, "mode": MODES, "integrator": INTEGRATORS, "timing": TIMINGS,
-           "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS}
+           "correlation": CORRELATIONS, "jitter_dist": JITTER_DISTS, "uplink": UPLINKS}
 
 
 class ConfigError(ValueError):
@@ -227,6 +230,11 @@ class JobConfig:
     drift: float = 0.0  # async: node clock rates drawn uniformly from 1 ± drift
     node_links: dict = field(default_factory=dict)  # {"<node index>": {link field: value}} overrides
     tick_period: float = 0.0  # τ_p of the cluster in seconds (0: as fast as the links allow; async needs > 0)
+    # What a node sends the broadcaster each sync tick: "full", θ⁰ + θ̃ every tick (and θ⁰ when
+    # it changed), or "replica", θ⁰ only when it changed and a checksum of it otherwise (the
+    # broadcaster regenerates θ̃: pmgd_node/protocol.py, Digest). The trajectory is the same;
+    # async timing always sends "full". ("full" by default: a node fuzz test expects Weights.)
+    uplink: str = "full"
     checkpoint_every: int = 1000  # cluster: ticks between θ⁰ checkpoints (fault recovery)
     compensation: int = 0  # untagged: nodes correlate C̃ with θ̃[now − compensation] (a known delay)
     # --- hardware imperfections (pmgd_node/imperfections.py), all seeded ---

@@ -56,10 +56,11 @@ class ShardPerturbation:
     """
 
     def __init__(self, perturbation: Perturbation, start: int, stop: int, shape: tuple[int, int], dtype,
-                 amp_gain: np.ndarray | None = None):
+                 amp_gain: np.ndarray | None = None, keep: int = 2):
         self.perturbation, self.start, self.stop = perturbation, start, stop
         self.ticks = block_ticks(shape[0], stop - start)
         self._amp_gain = amp_gain
+        self._keep = keep  # blocks cached (a holder that only moves forward needs one)
         self._blocks: dict[int, np.ndarray] = {}
         # Reused buffers: fresh blocks would come from the OS page by page.
         self._block_buf = np.empty((self.ticks,) + tuple(shape), dtype=dtype)
@@ -69,7 +70,7 @@ class ShardPerturbation:
         t0 = tick - tick % self.ticks
         block = self._blocks.get(t0)
         if block is None:
-            if len(self._blocks) == 2:
+            if len(self._blocks) == self._keep:
                 buf = self._blocks.pop(min(self._blocks))
             else:
                 buf = self._block_buf if not self._blocks else np.empty_like(self._block_buf)
@@ -77,6 +78,22 @@ class ShardPerturbation:
             if self._amp_gain is not None:
                 block *= self._amp_gain
         return block[tick - t0]
+
+
+def shard_perturbation(config: JobConfig, num_params: int, start: int, stop: int, dtype,
+                       perturbation: Perturbation | None = None, keep: int = 2) -> ShardPerturbation:
+    """θ̃ of the shard [start, stop) of ``config``'s job exactly as its node applies it (with
+    the device gains of ``device_variation``), in ``dtype``. ``perturbation``: the job's
+    generator over all P parameters, when the caller holds one already (the broadcaster's
+    replica shares one across its shards; values depend only on seed, index and tick)."""
+    seeds = config.seed + np.arange(config.seeds)
+    if perturbation is None:
+        perturbation = make_perturbation(config.perturbation, num_params, seeds, config.amplitude, config.fm_band,
+                                         dtype)
+    gain = None
+    if config.device_variation:
+        gain = imperfections.device_gains(seeds, start, stop, config.device_variation)[0].astype(dtype)
+    return ShardPerturbation(perturbation, start, stop, (len(seeds), stop - start), dtype, gain, keep)
 
 
 class ParameterNode:
@@ -114,13 +131,12 @@ class ParameterNode:
         self._compensation = config.compensation
         self._seeds, self._num_params = seeds, num_params
         self._update_noise = config.update_noise
-        # Device-to-device variation: fixed gains of this shard's perturbations and updates.
-        self._amp_gain = self._update_gain = None
+        # Device-to-device variation: fixed gains of this shard's perturbations (in θ̃) and updates.
+        self._update_gain = None
         if config.device_variation:
-            a, u = imperfections.device_gains(seeds, start, stop, config.device_variation)
-            self._amp_gain, self._update_gain = a.astype(theta0.dtype), u.astype(theta0.dtype)
-        self.theta_tilde = ShardPerturbation(self.perturbation, start, stop, theta0.shape, theta0.dtype,
-                                             self._amp_gain)
+            u = imperfections.device_gains(seeds, start, stop, config.device_variation)[1]
+            self._update_gain = u.astype(theta0.dtype)
+        self.theta_tilde = shard_perturbation(config, num_params, start, stop, theta0.dtype, self.perturbation)
         self.updates = 0
 
     @property

@@ -18,7 +18,8 @@ Assign          broadcaster → node (ROUTER)       shard, job config, θ⁰/G/i
 Control         broadcaster → node / client       start, pause, resume, stop, rejoin (with the tick)
 Heartbeat       node ↔ broadcaster (ROUTER)       liveness; carries the sender's tick
 Checkpoint      node → broadcaster (ROUTER)       the shard's full state at a tick boundary
-Weights         node → broadcaster (PUSH/PULL)    θ⁰ + θ̃[tick] of a shard, θ⁰ when it changed
+Weights         node → broadcaster (PUSH/PULL)    θ⁰ + θ̃[tick] of a shard, θ⁰ when it changed (uplink "full")
+Digest          node → broadcaster (PUSH/PULL)    tick and θ⁰ checksum of a shard, θ⁰ when it changed (uplink "replica")
 CostVariation   broadcaster → nodes (PUB/SUB)     C̃ per run, its tick and sequence, per-node tags
 Submit          client → broadcaster (ROUTER)     a job config to run
 Progress        broadcaster → client (ROUTER)     an evaluation point, or the final result
@@ -39,6 +40,7 @@ replies with :func:`decode_chip_reply`; a chip (a ROUTER) decodes with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -113,7 +115,9 @@ class Assign(Message):
 class Control(Message):
     TYPE: ClassVar[str] = "control"
     # rejoin: the broadcaster does not know the sender (it restarted): join again.
-    COMMANDS: ClassVar[tuple[str, ...]] = ("start", "pause", "resume", "stop", "rejoin")
+    # resync: the broadcaster's replica of the shard's θ⁰ disagrees with the node's checksum at
+    # ``tick``: send that tick's Digest again, with θ⁰.
+    COMMANDS: ClassVar[tuple[str, ...]] = ("start", "pause", "resume", "stop", "rejoin", "resync")
     job: str
     command: str
     tick: int = 0
@@ -164,6 +168,41 @@ class Weights(Message):
 
 
 @dataclass(frozen=True)
+class Digest(Message):
+    """The replica uplink (sync timing, job field ``uplink`` "replica"; docs/cluster.md): shard
+    ``shard`` is at tick ``tick`` and its θ⁰ has :func:`checksum` ``checksum``.
+
+    The broadcaster holds a replica of every shard's θ⁰ and regenerates θ̃[tick] itself (a pure
+    function of seed, index and tick), so between updates this is all a node sends: a header
+    whose size does not depend on P. ``static`` is θ⁰ itself, (S, n), sent when it changed (an
+    update), on the first tick of an assignment and when the broadcaster asks for it (a resync)."""
+
+    TYPE: ClassVar[str] = "digest"
+    ARRAYS: ClassVar[tuple[str, ...]] = ("static",)
+    job: str
+    epoch: int
+    shard: int
+    tick: int
+    checksum: str
+    static: np.ndarray | None = None
+
+
+def checksum(theta0: np.ndarray) -> str:
+    """The first 64 bits of SHA-1 over θ⁰'s bytes in C order, as 16 hex digits: a
+    :class:`Digest`'s checksum of a shard's θ⁰. Both ends compute it over the same dtype and
+    shape, the node's (S, n) array. (Integrity, not authenticity: CurveZMQ does that.)"""
+    return hashlib.sha1(np.ascontiguousarray(theta0)).hexdigest()[:16]
+
+
+def replica_uplink(config) -> bool:
+    """Whether a job's nodes send :class:`Digest` (the replica uplink) rather than
+    :class:`Weights`: ``uplink`` "replica" in sync timing. Async jobs always send their
+    weights: a node's message may be delayed or dropped on the uplink model, and the newest
+    shard the broadcaster holds must carry its own θ⁰ (docs/cluster.md)."""
+    return config.uplink == "replica" and config.timing == "sync"
+
+
+@dataclass(frozen=True)
 class CostVariation(Message):
     """C̃ of broadcaster tick ``tick``, one value per run (S,).
 
@@ -205,8 +244,8 @@ class Status(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, CostVariation, Submit, Progress,
-                        Status)
+    m.TYPE: m for m in (Join, Assign, Control, Heartbeat, Checkpoint, Weights, Digest, CostVariation, Submit,
+                        Progress, Status)
 }
 _FIELD_TYPES = {int: int, str: str, dict: dict, bool: bool}
 _NP_DTYPES = {name: np.dtype(name) for name in _DTYPES}

@@ -6,6 +6,10 @@ the lock-step loop
     send Weights(t) = θ⁰ + θ̃[t]  (and θ⁰ when it changed)  →  wait for C̃[t]
     offer C̃[t] to the downlink model; close tick t (hear what arrived, update if due)
 
+With the replica uplink (``uplink`` "replica", sync) it sends Digest(t) instead: a checksum of
+θ⁰, with θ⁰ itself only when it changed (or the broadcaster asks for it with "resync"); the
+broadcaster regenerates θ̃[t] with the same code (docs/cluster.md).
+
 It checkpoints its whole state every ``checkpoint_every`` ticks, heartbeats, re-joins when
 the broadcaster goes silent (a restarted broadcaster re-assigns it from its checkpoint),
 asks for a C̃ it has waited too long for (PUB/SUB may drop; state comes by request), and
@@ -153,6 +157,7 @@ class NodeProcess:
         self.shard = -1
         self.paused = False
         self._static_sent = False
+        self.replica = False  # the job's uplink: Digest (True) or Weights
         self.clock: Clock | None = None  # async: this node's own tick clock
         self.uplink = None
         self._up_line = DelayLine()  # async: weights waiting out their uplink delay
@@ -171,6 +176,16 @@ class NodeProcess:
 
     def _send_weights(self) -> None:
         node = self.node
+        if self.replica:
+            # The broadcaster regenerates θ̃ and holds a replica of our θ⁰: it needs θ⁰ only when
+            # it changed, and otherwise a checksum of the θ⁰ we hold now (which also catches a θ⁰
+            # changed outside an update; pmgd_node/protocol.py, Digest).
+            static = None if self._static_sent else node.theta0
+            self._static_sent = True
+            self._sent_at = time.monotonic()
+            self._send(self.weights, p.Digest(self.job, self.epoch, self.shard, self.tick, p.checksum(node.theta0),
+                                              static))
+            return
         # Async: always send θ⁰, because the uplink may drop the message that carried a change.
         static = None if self._static_sent and self.clock is None else node.theta0
         msg = p.Weights(self.job, self.epoch, self.shard, self.tick, node.effective_weights(self.tick), static)
@@ -232,6 +247,7 @@ class NodeProcess:
             return
         self._reset_job()
         self.job, self.epoch, self.shard, self.tick, self.config = a.job, a.epoch, a.shard, a.tick, config
+        self.replica = p.replica_uplink(config)
         self._start_tick = a.tick
         self.node = node
         self.metrics.shard_params.set(a.stop - a.start)
@@ -302,6 +318,9 @@ class NodeProcess:
         elif c.command in ("resume", "start") and self.paused:
             self.paused = False
             self._send_weights()
+        elif c.command == "resync" and self.replica and c.tick == self.tick and not self.paused:
+            self._static_sent = False  # the broadcaster's replica of our θ⁰ is off: send it θ⁰
+            self._send_weights()
 
     # What a broadcaster sends a node directly (control) and what it publishes (cost): any
     # other valid message on that socket is dropped and counted as 'unexpected' (an Assign
@@ -364,6 +383,8 @@ class NodeProcess:
                 self._send_control(p.Heartbeat(self.s.node_id, self.job, self.epoch, self.tick,
                                                sum(self.dropped.values())))
                 self.metrics.resends.inc()
+                if self.replica:
+                    self._static_sent = False  # the lost message may have been the one with θ⁰
                 self._send_weights()
             if now - last_heard > self.s.broadcaster_timeout_s:
                 print(f"pmgd node {self.s.node_id}: broadcaster silent for {now - last_heard:.1f} s; joining again",

@@ -5,6 +5,7 @@ The broadcaster service feeds this class decoded messages and sends what it retu
 tick t (sync mode):
 
     every shard's Weights(t) is in      →  θ⁰ view updated from the shards that changed
+      (uplink "replica": every shard's Digest(t), θ⁰ when it changed; θ⁰ + θ̃[t] regenerated here)
     chip.evaluation_due(t)              →  chip.measure(t, θ⁰), chip.record (stopping, divergence)
     chip.begin_tick(t); C̃[t] = chip.cost_variation(θ⁰, θ⁰ + θ̃[t])  →  CostVariation(t)
 
@@ -30,6 +31,8 @@ import numpy as np
 
 from pmgd_node import protocol as p
 from pmgd_node.config import JobConfig
+from pmgd_node.node import shard_perturbation
+from pmgd_node.perturbation import make_perturbation
 from pmgd_node.sharding import shard_ranges
 from pmgd_node.shell.keys import Keys
 from services.chip.client import ChipClient
@@ -87,6 +90,24 @@ class JobRun:
         self.started = time.perf_counter()
         self.run_started: float | None = None  # first assignment: the ticks start (throughput)
         self.finished = False
+        # The replica uplink (sync, ``uplink`` "replica"; docs/cluster.md): nodes send θ⁰ when it
+        # changed and its checksum every tick; θ̃[t] of every shard is regenerated here by the
+        # nodes' own code (pmgd_node.node.shard_perturbation), so θ⁰ + θ̃ is what they would send.
+        self.replica = p.replica_uplink(config)
+        self.checksums: list[str | None] = [None] * len(self.shards)  # of each shard's θ⁰ replica
+        self.resync_streak = np.zeros(len(self.shards), dtype=np.int64)  # refused digests in a row
+        self.resyncs: list[tuple[int, int]] = []  # (tick, shard) of every resync asked for
+        # Bytes the nodes sent on the weights link (the ones carrying θ⁰ apart) and C̃ published
+        # (each node receives one copy), counted by the service: the summary reports them.
+        self.uplink_bytes = self.uplink_messages = self.uplink_state_bytes = self.uplink_state_messages = 0
+        self.downlink_bytes = 0
+        self._theta_tilde = []
+        if self.replica:
+            seeds = config.seed + np.arange(config.seeds)
+            shared = make_perturbation(config.perturbation, self.num_params, seeds, config.amplitude, config.fm_band,
+                                       theta0.dtype)
+            self._theta_tilde = [shard_perturbation(config, self.num_params, a, b, theta0.dtype, shared, keep=1)
+                                 for a, b in self.shards]
 
     # --- checkpoints --------------------------------------------------------------------------
     def _shard_state(self, k: int, theta0, gradient, updates: int, pending: dict | None = None) -> dict:
@@ -157,6 +178,8 @@ class JobRun:
         self._stage_at = {}
         self.chip.restore(ck["chip"], self.tick)
         self.trail = ck["trail"].copy()
+        self.checksums = [None] * len(self.shards)  # each node's first digest carries its θ⁰
+        self.resync_streak[:] = 0
         out = []
         for k, ((a, b), st) in enumerate(zip(self.shards, ck["shards"])):
             self.static[:, a:b] = st["theta0"]
@@ -188,6 +211,8 @@ class JobRun:
         """
         if w.epoch != self.epoch or not 0 <= w.shard < len(self.shards):
             return ""
+        if self.replica:
+            return "unexpected"  # this job's nodes send digests
         if (w.tick <= self.held[w.shard]) if self.asynchronous else (w.tick != self.tick):
             return ""  # stale (earlier tick or epoch) or a duplicate resend: nothing to do
         if self._too_far_ahead(w.tick):
@@ -203,6 +228,44 @@ class JobRun:
         self.held[w.shard] = w.tick
         self.held_at[w.shard] = self.tick
         return ""
+
+    # A shard whose digests are refused this many times in a row stops the job (service.py).
+    MAX_RESYNCS = 3
+
+    def on_digest(self, d: p.Digest) -> str:
+        """Replica uplink: shard ``d.shard`` is at tick ``d.tick`` with θ⁰ of checksum
+        ``d.checksum`` (θ⁰ itself in ``d.static`` when it changed). The reason when refused:
+        "shape", "unexpected" (a job with the full uplink), or "resync": the checksum disagrees
+        with this replica of the shard's θ⁰ (or with the θ⁰ sent along with it), and the node
+        must send its θ⁰ again (more than :data:`MAX_RESYNCS` refusals in a row stop the job).
+        """
+        k = d.shard
+        if d.epoch != self.epoch or not 0 <= k < len(self.shards) or d.tick != self.tick:
+            return ""  # another epoch, a stale tick or a duplicate resend: nothing to do
+        if not self.replica:
+            return "unexpected"
+        a, b = self.shards[k]
+        if d.static is not None:
+            if d.static.shape != (self.config.seeds, b - a) or d.static.dtype != self.static.dtype:
+                return "shape"
+            got = p.checksum(d.static)
+            if got != d.checksum:  # what arrived is not what the node summed
+                return self._resync(k)
+            self.static[:, a:b] = d.static
+            self.checksums[k] = got
+        elif d.checksum != self.checksums[k]:  # the node's θ⁰ is not our replica of it
+            return self._resync(k)
+        self.resync_streak[k] = 0
+        self.have.add(k)
+        self.held[k] = d.tick
+        self.held_at[k] = self.tick
+        return ""
+
+    def _resync(self, k: int) -> str:
+        self.resync_streak[k] += 1
+        self.resyncs.append((self.tick, k))
+        del self.resyncs[:-1000]
+        return "resync"
 
     def staleness(self, tick: int) -> list[int]:
         """Per node: broadcaster ticks since the shard used at ``tick`` arrived (0 in sync mode)."""
@@ -228,6 +291,9 @@ class JobRun:
             self._stage_at[t] = self._boundary(t, [])
             self._try_complete(t)
         self.trail.update(self.static)  # C-contiguous: the bytes of tobytes(), without the copy
+        if self.replica:  # θ⁰ + θ̃[t], as each node computes it (ParameterNode.effective_weights)
+            for (a, b), theta_tilde in zip(self.shards, self._theta_tilde):
+                np.add(self.static[:, a:b], theta_tilde.at(t), out=self.effective[:, a:b])
         chip.begin_tick(t)
         c_tilde = chip.cost_variation(self.static, self.effective)
         tags = None

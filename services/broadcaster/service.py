@@ -385,7 +385,11 @@ class Broadcaster:
         run_wall = None if job.run_started is None else time.perf_counter() - job.run_started
         summary.update(job=job.id, epochs=job.epoch, checkpoints=job.checkpoints_taken, run_wall_time_s=run_wall,
                        dropped=dict(self.dropped), theta0=job.static.tolist(),
-                       trail=job.trail.hexdigest() if job.trail_valid else None)
+                       trail=job.trail.hexdigest() if job.trail_valid else None,
+                       uplink="replica" if job.replica else "full", resyncs=[list(r) for r in job.resyncs],
+                       uplink_bytes=job.uplink_bytes, uplink_messages=job.uplink_messages,
+                       uplink_state_bytes=job.uplink_state_bytes, uplink_state_messages=job.uplink_state_messages,
+                       downlink_bytes=job.downlink_bytes)
         self._publish(p.Control(job.id, "stop", job.tick, reason="finished"))
         for n in self.nodes.values():
             if n.shard >= 0:
@@ -532,18 +536,46 @@ class Broadcaster:
         except p.ProtocolError as err:
             self._count(err.reason)
             return
-        if not isinstance(msg, p.Weights):
+        if not isinstance(msg, (p.Weights, p.Digest)):
             self._count("unexpected")
             return
-        if self.job is None or msg.job != self.job.id or self.state != "running":
+        job = self.job
+        if job is None or msg.job != job.id or self.state != "running":
             return
-        refused = self.job.on_weights(msg)
+        size = sum(map(len, frames))
+        job.uplink_bytes += size
+        job.uplink_messages += 1
+        if msg.static is not None:  # a θ⁰ shard: an update, a (re)start or a resync
+            job.uplink_state_bytes += size
+            job.uplink_state_messages += 1
+        if isinstance(msg, p.Digest):
+            refused = job.on_digest(msg)
+            if refused == "resync":
+                self._resync(msg.shard)
+                return
+        else:
+            refused = job.on_weights(msg)
         if refused:
             self._count(refused)
-        if self.job.asynchronous:
+        if job.asynchronous:
             return  # async: the broadcaster's own clock runs the ticks (see run)
         while self.job is not None and self.job.ready and self.state == "running":
             self._step()
+
+    def _resync(self, shard: int) -> None:
+        """The replica of a shard's θ⁰ disagrees with its node's checksum: ask the node for its θ⁰
+        (a Control "resync" for this tick), or stop the job once it keeps disagreeing."""
+        job = self.job
+        node_id = next((k for k, n in self.nodes.items() if n.shard == shard), None)
+        if job.resync_streak[shard] > job.MAX_RESYNCS or node_id is None:
+            self._fail(f"shard {shard} (node {node_id}): its θ⁰ checksum at tick {job.tick} disagrees with the "
+                       f"broadcaster's replica {int(job.resync_streak[shard])} times in a row, θ⁰ resent each "
+                       "time: a node whose θ⁰ keeps changing outside its updates or does not arrive intact "
+                       "(run the job with uplink 'full' to train on whatever it sends)")
+            return
+        self._log(f"job {job.id}: shard {shard} (node {node_id}) at tick {job.tick}: θ⁰ checksum disagrees with "
+                  "the replica; asking for its θ⁰")
+        self._to(self.nodes[node_id].identity, p.Control(job.id, "resync", job.tick, "θ⁰ checksum", job.epoch))
 
     def _step(self) -> None:
         """Run one tick of the job: evaluate if due, publish C̃, report; finish when done."""
@@ -556,7 +588,8 @@ class Broadcaster:
             return
         self._save_new_checkpoint()
         if cost is not None:
-            self.sent[cost.tick] = self._publish(cost)
+            frames = self.sent[cost.tick] = self._publish(cost)
+            job.downlink_bytes += sum(map(len, frames))
             if len(self.sent) > 64:
                 self.sent.popitem(last=False)
             self.ticks += 1
