@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local: the in-process engine; cluster: a local cluster of node processes")
     study.add_argument("--cluster-nodes", type=int, default=2, metavar="N", help="node processes of the cluster engine")
     study.add_argument("--workers", type=int, default=None, metavar="N",
-                       help="points run at once, in N worker processes with cores/N threads each; 1 runs them in "
-                            "this process (default: the machine's cores; with --scheduler local, its workers)")
+                       help="points run at once, in N worker processes with cores/N threads each (1: every point "
+                            "in this process; with --scheduler local: the local cluster's workers) "
+                            "(default: the machine's cores)")
     study.add_argument("--scheduler", default="", metavar="ADDRESS",
                        help="run the points on a Dask cluster: its scheduler's address (tls://host:port; tcp:// on "
                             "loopback only), or 'local' to start one with --workers worker processes on loopback "
