@@ -372,7 +372,36 @@ def torch_runs(model, theta):
     return t, single
 
 
-class CNN(Model):
+class TorchModel(Model):
+    """A model computed in torch, every run of a batch in one pass: :class:`CNN` and the user's
+    own (:mod:`.user_model`). Subclasses give ``_outputs(t, batch)`` (S, B, O), ``_batch_costs(z,
+    batch)`` (S,) and ``_batch_correct(z, batch)`` (S,), and hold ``device``, ``torch_dtype``."""
+
+    def _theta(self, theta):
+        return torch_runs(self, theta)
+
+    def evaluate(self, theta, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        torch = _torch()
+        t, single = self._theta(theta)
+        with torch.inference_mode():
+            z = self._outputs(t, batch)
+            both = torch.stack([self._batch_costs(z, batch).to(torch.float64),
+                                self._batch_correct(z, batch).to(torch.float64)]).cpu().numpy()
+        c, a = both[0], both[1]
+        return (c[0], a[0]) if single else (c, a)
+
+    def cost(self, theta, batch: Batch) -> np.ndarray:
+        torch = _torch()
+        t, single = self._theta(theta)
+        with torch.inference_mode():
+            c = self._batch_costs(self._outputs(t, batch), batch).to(torch.float64).cpu().numpy()
+        return c[0] if single else c
+
+    def accuracy(self, theta, batch: Batch) -> np.ndarray:
+        return self.evaluate(theta, batch)[1]
+
+
+class CNN(TorchModel):
     """Convolutional classifier in torch, evaluated on views of the flat parameter vector.
 
     ``spec`` is a sequence of :class:`Conv`, :class:`Pool` and :class:`Dense`. The forward
@@ -476,9 +505,6 @@ class CNN(Model):
             bound = self.init_scale / math.sqrt(fan_in)
             theta[:, w0:b1] = rng.uniform(-bound, bound, size=(int(runs), b1 - w0))
         return theta
-
-    def _theta(self, theta):
-        return torch_runs(self, theta)
 
     # -- data
     def prepare(self, x, y) -> Batch:
@@ -606,25 +632,14 @@ class CNN(Model):
                              label_smoothing=s)
         return ce.view(runs, size).mean(dim=1)
 
-    def evaluate(self, theta, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        torch = _torch()
-        t, single = self._theta(theta)
-        with torch.inference_mode():
-            z = self._logits(t, batch)
-            acc = (z.argmax(dim=2) == batch.y).to(torch.float64).mean(dim=1)
-            both = torch.stack([self._costs(z, batch.y).to(torch.float64), acc]).cpu().numpy()
-        c, a = both[0], both[1]
-        return (c[0], a[0]) if single else (c, a)
+    def _outputs(self, t, batch: Batch):
+        return self._logits(t, batch)
 
-    def cost(self, theta, batch: Batch) -> np.ndarray:
-        torch = _torch()
-        t, single = self._theta(theta)
-        with torch.inference_mode():
-            c = self._costs(self._logits(t, batch), batch.y).to(torch.float64).cpu().numpy()
-        return c[0] if single else c
+    def _batch_costs(self, z, batch: Batch):
+        return self._costs(z, batch.y)
 
-    def accuracy(self, theta, batch: Batch) -> np.ndarray:
-        return self.evaluate(theta, batch)[1]
+    def _batch_correct(self, z, batch: Batch):
+        return (z.argmax(dim=2) == batch.y).to(_torch().float64).mean(dim=1)
 
     def gradient(self, theta, batch: Batch) -> np.ndarray:
         """dC/dθ by torch autograd through the same functional forward pass."""

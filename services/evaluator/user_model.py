@@ -49,7 +49,7 @@ import numpy as np
 from pmgd_node.config import MAX_JOB_VALUES, ConfigError
 
 from .data import Dataset
-from .models import Batch, Model, torch_runs
+from .models import Batch, TorchModel
 
 LOSSES = ("mse", "cross_entropy")
 _TASK_KEYS = ("model", "train", "test", "loss")
@@ -238,7 +238,7 @@ def _probe(ref: str, net, x: np.ndarray, y: np.ndarray, loss) -> int:
 # ------------------------------------------------------------------------- the model
 
 
-class TorchModule(Model):
+class TorchModule(TorchModel):
     """A user's torch module as a function of one flat parameter vector (module docstring)."""
 
     def __init__(self, task: LoadedTask, device: str | None = None, init_scale: float | None = None,
@@ -299,9 +299,6 @@ class TorchModule(Model):
             rows.append(self._flat(fresh) * self.dtype.type(self.init_scale))
         return np.stack(rows).astype(self.dtype, copy=False)
 
-    def _theta(self, theta):
-        return torch_runs(self, theta)
-
     # -- data
     def prepare(self, x, y) -> Batch:
         """x (B, …) shared by every run; targets as the loss wants them (labels or values)."""
@@ -325,7 +322,7 @@ class TorchModule(Model):
         out = functional_call(self.module, (params, self._buffers), (x,))
         return out.reshape(out.shape[0], -1)
 
-    def outputs_of(self, t, batch: Batch):
+    def _outputs(self, t, batch: Batch):
         """Outputs (S, B, O) of every run in one vmapped call."""
         from torch.func import vmap
 
@@ -339,7 +336,7 @@ class TorchModule(Model):
             return F.cross_entropy(out, target, label_smoothing=self.label_smoothing)
         return self.loss(out, target)
 
-    def _costs(self, z, batch: Batch):
+    def _batch_costs(self, z, batch: Batch):
         torch = _torch()
         from torch.func import vmap
 
@@ -352,7 +349,7 @@ class TorchModule(Model):
                 self._vmap_loss = False
         return torch.stack([torch.as_tensor(self._loss_one(z[s], batch.target)) for s in range(z.shape[0])])
 
-    def _correct(self, z, batch: Batch):
+    def _batch_correct(self, z, batch: Batch):
         torch = _torch()
         if self.classify:
             hit = z.argmax(dim=2) == batch.y
@@ -362,32 +359,13 @@ class TorchModule(Model):
             hit = z.argmax(dim=2) == batch.y.reshape(batch.size, -1).argmax(dim=1)
         return hit.to(torch.float64).mean(dim=1)
 
-    def evaluate(self, theta, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        torch = _torch()
-        t, single = self._theta(theta)
-        with torch.inference_mode():
-            z = self.outputs_of(t, batch)
-            both = torch.stack([self._costs(z, batch).to(torch.float64), self._correct(z, batch)]).cpu().numpy()
-        c, a = both[0], both[1]
-        return (c[0], a[0]) if single else (c, a)
-
-    def cost(self, theta, batch: Batch) -> np.ndarray:
-        torch = _torch()
-        t, single = self._theta(theta)
-        with torch.inference_mode():
-            c = self._costs(self.outputs_of(t, batch), batch).to(torch.float64).cpu().numpy()
-        return c[0] if single else c
-
-    def accuracy(self, theta, batch: Batch) -> np.ndarray:
-        return self.evaluate(theta, batch)[1]
-
     def forward(self, theta, x) -> np.ndarray:
         """Outputs as numpy: theta (S, P) and x (B, …) -> (S, B, O)."""
         torch = _torch()
         t, single = self._theta(theta)
         xt = torch.as_tensor(np.asarray(x), dtype=self.torch_dtype, device=self.device)
         with torch.inference_mode():
-            out = self.outputs_of(t, Batch(xt, None, None, len(xt))).cpu().numpy()
+            out = self._outputs(t, Batch(xt, None, None, len(xt))).cpu().numpy()
         return out[0] if single else out
 
     def gradient(self, theta, batch: Batch) -> np.ndarray:
