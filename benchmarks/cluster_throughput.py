@@ -126,8 +126,9 @@ def raw_broadcaster(pull_ep: str, pub_ep: str, nodes: int, seeds: int, total: in
             "broadcaster_cpu_s": cpu1 - cpu0}
 
 
-def run_raw(nodes: int, seeds: int, shard: int, ticks: int, warmup: int) -> dict:
-    """One raw measurement: N node subprocesses (this file, ``--raw-role node``) + a broadcaster one."""
+def run_raw(nodes: int, seeds: int, shard: int, ticks: int, warmup: int, frames: int = 2) -> dict:
+    """One raw measurement: N node subprocesses (this file, ``--raw-role node``) + a broadcaster one;
+    each node sends ``frames`` frames of a float64 shard per tick."""
     from services.cluster.launcher import free_port
 
     pull, pub = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
@@ -135,8 +136,8 @@ def run_raw(nodes: int, seeds: int, shard: int, ticks: int, warmup: int) -> dict
     common = [sys.executable, os.path.abspath(__file__), "--raw-role"]
     bcast = subprocess.Popen(common + ["broadcaster", pull, pub, str(nodes), str(seeds), str(total), str(warmup)],
                              stdout=subprocess.PIPE, text=True)
-    workers = [subprocess.Popen(common + ["node", pull, pub, str(8 * seeds * shard), "2", str(total), str(warmup)],
-                                stdout=subprocess.PIPE, text=True) for _ in range(nodes)]
+    node_args = ["node", pull, pub, str(8 * seeds * shard), str(frames), str(total), str(warmup)]
+    workers = [subprocess.Popen(common + node_args, stdout=subprocess.PIPE, text=True) for _ in range(nodes)]
     try:
         out, _ = bcast.communicate(timeout=300)
         node_outs = [w.communicate(timeout=30)[0] for w in workers]
@@ -153,16 +154,17 @@ def run_raw(nodes: int, seeds: int, shard: int, ticks: int, warmup: int) -> dict
 
 
 # ------------------------------------------------------------------------------------ cluster
-def job_config(P: int, nodes: int, seeds: int, max_ticks: int, eval_every: int, data_dir: str):
+def job_config(P: int, nodes: int, seeds: int, max_ticks: int, eval_every: int, data_dir: str, uplink: str = "full"):
     from pmgd_node.config import JobConfig
 
     task, network = SIZES[P]
     extra = {} if P == 9 else {"amplitude": 0.01, "eta": 1e-3, "data_dir": data_dir, "eval_samples": 2}
     return JobConfig(task=task, network=network, seeds=seeds, nodes=nodes, batch=1, max_ticks=max_ticks,
-                     target_accuracy=None, eval_every=eval_every, **extra)
+                     target_accuracy=None, eval_every=eval_every, uplink=uplink, **extra)
 
 
-def run_cluster(cluster, P: int, nodes: int, seeds: int, ticks: int, warmup: int, data_dir: str) -> dict:
+def run_cluster(cluster, P: int, nodes: int, seeds: int, ticks: int, warmup: int, data_dir: str,
+                uplink: str = "full") -> dict:
     """One job on a running cluster; ticks/s between the progress point at ``warmup`` and the end."""
     from services.cluster.client import run_job
 
@@ -173,7 +175,7 @@ def run_cluster(cluster, P: int, nodes: int, seeds: int, ticks: int, warmup: int
         if not points:
             points.append((d["tick"], time.perf_counter(), [process_cpu(pid) for pid in pids]))
 
-    config = job_config(P, nodes, seeds, warmup + ticks, warmup, data_dir)
+    config = job_config(P, nodes, seeds, warmup + ticks, warmup, data_dir, uplink)
     summary = run_job(config, cluster.endpoints["control"], on_progress, timeout_s=1800, keys=cluster.keys)
     t_end = time.perf_counter()  # the final result leaves right after the last evaluation
     cpu_end = [process_cpu(pid) for pid in pids]
@@ -185,7 +187,8 @@ def run_cluster(cluster, P: int, nodes: int, seeds: int, ticks: int, warmup: int
             "ticks_per_s": (summary["ticks_run"] - t_first) / (t_end - s_first),
             "broadcaster_cpu_s": cpu[0], "nodes_cpu_s": sum(cpu[1:]),
             "run_wall_time_s": summary.get("run_wall_time_s"), "wall_time_s": summary["wall_time_s"],
-            "epochs": summary["epochs"], "dropped": summary["dropped"]}
+            "epochs": summary["epochs"], "dropped": summary["dropped"], "uplink": summary.get("uplink"),
+            "uplink_bytes": summary.get("uplink_bytes")}
 
 
 def process_cpu(pid: int) -> float:
@@ -196,7 +199,7 @@ def process_cpu(pid: int) -> float:
 
 
 # ------------------------------------------------------------------------------- compute share
-def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> dict:
+def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int, uplink: str = "full") -> dict:
     """Seconds per tick of the broadcaster's ``JobRun.advance`` and of one node's tick, in-process."""
     import numpy as np
 
@@ -205,7 +208,7 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
     from services.broadcaster.job import JobRun
     from services.broadcaster.service import torch_threads
 
-    config = job_config(P, nodes, seeds, 10**9, 10**9, data_dir)
+    config = job_config(P, nodes, seeds, 10**9, 10**9, data_dir, uplink)
     job = JobRun("compute", config)
     threads = torch_threads(config)  # the torch threads the broadcaster gives this job's passes
     shards = range(len(job.shards))
@@ -239,7 +242,7 @@ def tick_compute(P: int, nodes: int, seeds: int, data_dir: str, ticks: int) -> d
 
 # ------------------------------------------------------------------------------------ driver
 def measure(P: int, N: int, seeds: int, ticks: int, warmup: int, repeats: int, data_dir: str,
-            cluster_env: dict | None = None, plain: bool = False) -> dict:
+            cluster_env: dict | None = None, plain: bool = False, uplink: str = "full") -> dict:
     """One table row: ``repeats`` rounds of (in-process compute, cluster job, [cluster job
     without keys,] raw loop); medians."""
     import contextlib
@@ -261,18 +264,20 @@ def measure(P: int, N: int, seeds: int, ticks: int, warmup: int, repeats: int, d
         for c in (cluster, bare) if plain else (cluster,):
             run_cluster(c, P, N, seeds, max(10, warmup), 5, data_dir)  # every process warm
         for _ in range(repeats):
-            compute.append(tick_compute(P, N, seeds, data_dir, min(ticks, 500)))
-            cl.append(run_cluster(cluster, P, N, seeds, ticks, warmup, data_dir))
+            compute.append(tick_compute(P, N, seeds, data_dir, min(ticks, 500), uplink))
+            cl.append(run_cluster(cluster, P, N, seeds, ticks, warmup, data_dir, uplink))
             if plain:
-                cl_plain.append(run_cluster(bare, P, N, seeds, ticks, warmup, data_dir))
-            raw.append(run_raw(N, seeds, shard, ticks, warmup))
+                cl_plain.append(run_cluster(bare, P, N, seeds, ticks, warmup, data_dir, uplink))
+            # τ_θ = 1 updates θ⁰ every tick: the full uplink sends θ⁰ + θ̃ and θ⁰, the replica θ⁰
+            raw.append(run_raw(N, seeds, shard, ticks, warmup, frames=2 if uplink == "full" else 1))
     med = lambda xs: float(np.median(xs))  # noqa: E731
     c_rate, r_rate = med([m["ticks_per_s"] for m in cl]), med([m["ticks_per_s"] for m in raw])
     t_b, t_n = med([c["broadcaster_s"] for c in compute]), med([c["node_s"] for c in compute])
     ideal = 1.0 / (1.0 / r_rate + t_b + t_n)
     per_tick = lambda ms, key: 1e6 * med([m[key] / m["ticks"] for m in ms])  # noqa: E731
-    return {"P": P, "task": SIZES[P][0], "nodes": N, "seeds": seeds, "ticks": ticks, "warmup": warmup,
-            "repeats": repeats, "payload_bytes_per_node": 2 * 8 * seeds * shard,
+    return {"P": P, "task": SIZES[P][0], "nodes": N, "uplink": uplink, "seeds": seeds, "ticks": ticks,
+            "warmup": warmup, "repeats": repeats,
+            "payload_bytes_per_node": (2 if uplink == "full" else 1) * 8 * seeds * shard,
             "cluster_ticks_per_s": c_rate, "raw_ticks_per_s": r_rate, "ratio": c_rate / r_rate,
             "cluster_cpu_us": [per_tick(cl, "broadcaster_cpu_s"), per_tick(cl, "nodes_cpu_s")],
             "raw_cpu_us": [per_tick(raw, "broadcaster_cpu_s"), per_tick(raw, "nodes_cpu_s")],
@@ -303,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="alternate cluster and raw this many times; report medians")
     ap.add_argument("--cluster-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment of the cluster processes, e.g. OMP_NUM_THREADS=1 (repeatable)")
+    ap.add_argument("--uplink", default="full,replica",
+                    help="comma-separated job uplinks to measure, each against its own raw payload (full: θ⁰ + θ̃ "
+                         "and θ⁰, replica: θ⁰, as τ_θ = 1 updates every tick)")
     ap.add_argument("--plain", action="store_true",
                     help="also run a cluster without CurveZMQ keys in the same rounds: the cost of CURVE")
     ap.add_argument("--json", default=os.path.join(ROOT, "out", "cluster_throughput.json"))
@@ -336,22 +344,24 @@ def main(argv: list[str] | None = None) -> int:
         for P in sizes:
             ticks = args.ticks_small if P == 9 else args.ticks_large
             warmup = args.warmup or max(10, ticks // 10)
-            for N in node_counts:
+            for N, uplink in ((n, u) for n in node_counts for u in args.uplink.split(",")):
                 rows.append(measure(P, N, args.seeds, ticks, warmup, args.repeats, data_dir, cluster_env,
-                                    args.plain))
+                                    args.plain, uplink))
                 r = rows[-1]
-                print(f"P={P:>6} N={N}: cluster {r['cluster_ticks_per_s']:8.1f}/s  raw {r['raw_ticks_per_s']:8.1f}/s  "
+                print(f"P={P:>6} N={N} {uplink:>7}: cluster {r['cluster_ticks_per_s']:8.1f}/s  "
+                      f"raw {r['raw_ticks_per_s']:8.1f}/s  "
                       f"ratio {r['ratio']:.2f}  (CPU µs/tick cluster {r['cluster_cpu_us'][0]:.0f} + "
                       f"{r['cluster_cpu_us'][1]:.0f}, raw {r['raw_cpu_us'][0]:.0f} + {r['raw_cpu_us'][1]:.0f}; "
                       f"compute ms/tick {r['broadcaster_compute_ms']:.3f} + {r['node_compute_ms']:.3f}; "
                       f"ideal {r['ideal_ticks_per_s']:.1f}/s; load {r['load_before']:.2f})", flush=True)
     print()
-    print("| P | N | cluster ticks/s | raw ticks/s | ratio | CPU µs/tick, cluster (bcast + nodes) "
+    print("| P | N | uplink | cluster ticks/s | raw ticks/s | ratio | CPU µs/tick, cluster (bcast + nodes) "
           "| CPU µs/tick, raw (bcast + nodes) | compute ms/tick (bcast + node) | compute share | ideal ticks/s "
           "| cluster ÷ ideal |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['P']:,} | {r['nodes']} | {r['cluster_ticks_per_s']:,.0f} | {r['raw_ticks_per_s']:,.0f} | "
+        print(f"| {r['P']:,} | {r['nodes']} | {r['uplink']} | {r['cluster_ticks_per_s']:,.0f} | "
+              f"{r['raw_ticks_per_s']:,.0f} | "
               f"{r['ratio']:.2f} | {r['cluster_cpu_us'][0]:,.0f} + {r['cluster_cpu_us'][1]:,.0f} | "
               f"{r['raw_cpu_us'][0]:,.0f} + {r['raw_cpu_us'][1]:,.0f} | "
               f"{r['broadcaster_compute_ms']:.3f} + {r['node_compute_ms']:.3f} | {100 * r['compute_share']:.0f} % | "

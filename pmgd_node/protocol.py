@@ -325,10 +325,6 @@ def encode(msg: Message) -> list[bytes]:
     return frames
 
 
-_UNPACK = dict(raw=False, strict_map_key=True, max_bin_len=1 << 16, max_str_len=1 << 16, max_array_len=1 << 16,
-               max_map_len=1 << 16)
-
-
 def decode(frames: list[bytes]) -> Message:
     """Parse the frames of one message; raise :class:`ProtocolError` on anything malformed.
 
@@ -339,8 +335,13 @@ def decode(frames: list[bytes]) -> Message:
     total = sum(map(len, frames))
     if total > MAX_MESSAGE_BYTES:
         raise ProtocolError("oversized", f"{total} bytes > {MAX_MESSAGE_BYTES}")
+    n = len(frames[0])
     try:
-        header = msgpack.unpackb(frames[0], **_UNPACK)
+        # Every length the header claims is bounded by its own size (an element takes a byte at
+        # least), so a small frame cannot make msgpack allocate a huge list, while a result whose
+        # θ⁰ holds 10⁶ numbers (a Progress) still decodes (a fixed 2¹⁶ refused it).
+        header = msgpack.unpackb(frames[0], raw=False, strict_map_key=True, max_bin_len=n, max_str_len=n,
+                                 max_array_len=n, max_map_len=n)
     except Exception as err:  # msgpack raises several unrelated exception types
         raise ProtocolError("header", f"not msgpack: {type(err).__name__}") from None
     if not isinstance(header, dict):

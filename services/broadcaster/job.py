@@ -101,6 +101,9 @@ class JobRun:
         # (each node receives one copy), counted by the service: the summary reports them.
         self.uplink_bytes = self.uplink_messages = self.uplink_state_bytes = self.uplink_state_messages = 0
         self.downlink_bytes = 0
+        # Seconds in ``advance`` (forward passes, θ̃ for the replica, the trail, evaluations) and
+        # waiting for the shards (from one C̃ out to the last shard of the next tick in), per job.
+        self.compute_s = self.gather_s = 0.0
         self._theta_tilde = []
         if self.replica:
             seeds = config.seed + np.arange(config.seeds)

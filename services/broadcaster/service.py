@@ -389,7 +389,8 @@ class Broadcaster:
                        uplink="replica" if job.replica else "full", resyncs=[list(r) for r in job.resyncs],
                        uplink_bytes=job.uplink_bytes, uplink_messages=job.uplink_messages,
                        uplink_state_bytes=job.uplink_state_bytes, uplink_state_messages=job.uplink_state_messages,
-                       downlink_bytes=job.downlink_bytes)
+                       downlink_bytes=job.downlink_bytes, broadcaster_compute_s=job.compute_s,
+                       gather_wait_s=job.gather_s)
         self._publish(p.Control(job.id, "stop", job.tick, reason="finished"))
         for n in self.nodes.values():
             if n.shard >= 0:
@@ -581,11 +582,13 @@ class Broadcaster:
         """Run one tick of the job: evaluate if due, publish C̃, report; finish when done."""
         job = self.job
         now = time.monotonic()
+        started = time.perf_counter()
         try:
             cost, point = job.advance()
         except ChipError as err:  # the chip stopped answering (after its retries) or refused a request
             self._fail(str(err))
             return
+        job.compute_s += time.perf_counter() - started
         self._save_new_checkpoint()
         if cost is not None:
             frames = self.sent[cost.tick] = self._publish(cost)
@@ -595,6 +598,7 @@ class Broadcaster:
             self.ticks += 1
             stage = job.stage
             wait = now - self._last_publish
+            job.gather_s += wait
             staleness = job.staleness(cost.tick)
             self._reports.add(cost.tick, stage.last_cost, getattr(stage.extractor, "c0", None), cost.c_tilde,
                               staleness, cost.tags, wait, self.total_dropped())
@@ -604,7 +608,9 @@ class Broadcaster:
         if point is not None and self.client is not None:
             data = {"tick": point.tick, "c0": point.c0_measurements, "cost": point.cost.tolist(),
                     "accuracy": point.accuracy.tolist(), "solved": int((job.t_sol >= 0).sum()),
-                    "reports": self._reports.take()}
+                    "reports": self._reports.take(),
+                    # so far: seconds in advance and waiting for shards (benchmarks/cluster_scale.py)
+                    "broadcaster_compute_s": job.compute_s, "gather_wait_s": job.gather_s}
             if job.checkpoints_taken != self._progress_checkpoint:  # θ⁰ of a new checkpoint, once
                 self._progress_checkpoint = job.checkpoints_taken
                 ck = job.checkpoint

@@ -117,3 +117,15 @@ def test_replica_only_in_sync_timing():
     assert p.replica_uplink(JobConfig(uplink="replica"))
     assert not p.replica_uplink(JobConfig())  # the default: full
     assert not p.replica_uplink(JobConfig(timing="async", tick_period=0.01, uplink="replica"))
+
+
+def test_a_result_holding_a_million_parameters_decodes_and_a_small_lying_header_does_not():
+    """A job's final Progress carries θ⁰ as a list: 10⁶ numbers must decode (a fixed bound of
+    2¹⁶ elements refused it), while a few bytes claiming a huge list or string are still refused."""
+    theta0 = np.random.default_rng(2).normal(size=(1, 10**6)).tolist()
+    back = p.decode(p.encode(p.Progress("j", True, {"theta0": theta0})))
+    assert back.data["theta0"] == theta0
+    for lie in (b"\xdd\xff\xff\xff\xff" + b"\xc0" * 8, b"\xdb\xff\xff\xff\xff" + b"a" * 8, b"\x91" * 5000 + b"\xc0"):
+        with pytest.raises(p.ProtocolError) as err:
+            p.decode([lie])
+        assert err.value.reason == "header"
