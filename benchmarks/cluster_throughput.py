@@ -15,6 +15,11 @@ S × shard length each: with τ_θ = 1 θ⁰ changes every tick, so the cluster 
 as two raw frames; the raw broadcaster waits for all N, then publishes an 8·S-byte frame
 (C̃) on one topic; each node waits for it before sending the next tick. Goal: ratio ≥ 0.7.
 
+Each row runs once per job uplink (``--uplink full,replica``, docs/cluster.md): the full uplink
+against the raw loop above, the replica against a raw loop of one frame per node (θ⁰ alone:
+τ_θ = 1 updates θ⁰ every tick, so a replica node sends its θ⁰ every tick); the broadcaster's
+compute then includes regenerating θ̃ for every shard.
+
 The baseline is **pure messaging**: it does none of the work the cluster does per tick. To
 show where a gap comes from, the same run also reports
 
