@@ -160,9 +160,9 @@ BOUNDS: dict[str, Bound] = {
     "chip_timeout": Bound(float, 0.0, 3600.0, lo_open=True),
     "chip_retries": Bound(int, 0, 100),
 }
-# Parameters × runs a job may hold. The engine keeps θ⁰, G and a block of 64 ticks of θ̃ per
-# value (pmgd_node/node.py, BLOCK): at this bound about 2.2 GB of float64, so one request
-# cannot take a service's memory (a GPU sweep of the CIFAR-10 CNN: 150 seeds).
+# Parameters × runs a job may hold. The engine keeps θ⁰ and G per value and a block of θ̃ of
+# at most 2¹⁸ values per node (pmgd_node/node.py: 64 ticks for small shards, fewer for large
+# ones), so one request cannot take a service's memory (a GPU sweep of the CIFAR-10 CNN: 150 seeds).
 MAX_JOB_VALUES = 4_000_000
 # Parameter counts of the CNN tasks (their networks are fixed; services/evaluator/models.py).
 CNN_PARAMS = {"fmnist": 14_378, "cifar10": 26_154}
